@@ -1,0 +1,33 @@
+"""lcm_jax: a pure-JAX research codebase for few-step diffusion."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lcm_jax",
+    version="0.1.0",
+    description="Latent consistency distillation, TCD, Smooth Diffusion and LEGO bricks in JAX.",
+    packages=find_packages(include=["lcm_jax", "lcm_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "ml-collections",
+        "clu",
+        "wandb",
+        "tensorflow-cpu",  # clu metric writers and tensorflow-datasets need it
+        "tensorboard",
+        "tensorflow-datasets",
+        "importlib_resources",  # tfds needs it for builders inside packages; not always pulled in
+        "transformers",  # CLIP tokenizers only
+        "safetensors",
+        "numpy",
+        "pillow",
+        "scikit-learn",  # the embedded digits dataset
+        "tqdm",
+    ],
+    extras_require={
+        # torch + diffusers are test-time references only: lcm_jax never imports them.
+        "dev": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers"],
+    },
+)
