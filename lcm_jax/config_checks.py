@@ -1,0 +1,365 @@
+"""Checks a full experiment config before anything is built or compiled.
+
+`validate(config)` collects every problem it finds and raises one `ConfigError` with a line per
+problem; each line names the field (`config.diffusion.prediction_type`), the bad value and the fix,
+so a researcher fixes them all in one go. It returns None when the config is good.
+
+Unknown sections and fields are allowed (future objectives add their own). The fields the train
+loop always reads are required (`REQUIRED`); every other check runs only when its field is set.
+Name lists come from the registries of the modules that own them.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+
+import jax
+
+from lcm_jax import data
+from lcm_jax.data import webdataset
+from lcm_jax.diffusion import samplers, solvers
+from lcm_jax.diffusion import schedule as sched
+
+# The objectives registry: the names `config.objective` may take (one file each in objectives/).
+OBJECTIVES = ("diffusion", "lcd", "lcf", "tcd", "smooth")
+MODELS = ("dit", "unet")
+PARALLEL_MODES = ("jit", "pmap")
+LCD_LOSSES = ("l2", "huber")
+WANDB_MODES = ("online", "offline", "disabled")
+FEW_STEP_SAMPLERS = ("lcm", "tcd")  # their steps come from the distillation grid
+VAE_FACTOR = 8  # Stable Diffusion's AutoencoderKL: 3 downsamplings
+MIN_IMAGE_SIZE = 8
+REQUIRED = ("objective", "total_steps", "batch_size", "model.name", "data.name", "optimizer.lr",
+            "diffusion.prediction_type", "diffusion.num_train_timesteps")
+
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        super().__init__(f"The config has {count}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def validate(config, *, device_count: int | None = None, process_count: int | None = None) -> None:
+    """Raises ConfigError listing every problem of `config`; returns None if there are none.
+
+    device_count / process_count default to jax.device_count() / jax.process_count() (call this
+    after multi-host initialisation); the local device count is device_count // process_count
+    when device_count is given, else jax.local_device_count().
+    """
+    process_count = jax.process_count() if process_count is None else process_count
+    if device_count is None:  # reading counts initialises the backend: only here, never at import
+        device_count, local_device_count = jax.device_count(), jax.local_device_count()
+    else:
+        local_device_count = max(device_count // process_count, 1)
+
+    problems = [*_required(config), *_names(config),
+                *_batch_and_mesh(config, device_count, process_count, local_device_count),
+                *_image_size(config), *_diffusion(config), *_optimizer(config),
+                *_consistency_distillation(config), *_samplers(config), *_loop(config),
+                *_paths(config, process_count)]
+    if problems:
+        raise ConfigError(problems)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: dotted lookups that never raise, type tests, and the one message format.
+# ----------------------------------------------------------------------------------------------
+
+def _get(config, path: str, default=_MISSING):
+    """config.a.b via .get (works on ConfigDicts and dicts); `default` when any part is absent."""
+    node = config
+    for key in path.split("."):
+        if node is None or not hasattr(node, "get"):
+            return default
+        node = node.get(key, _MISSING)
+        if node is _MISSING:
+            return default
+    return node
+
+
+def _present(value) -> bool:
+    return value is not _MISSING and value is not None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _bad(path: str, value, why: str, fix: str) -> str:
+    return f"config.{path}={value!r} {why}; {fix}."
+
+
+def _choice(config, path: str, choices, what: str):
+    """A problem line if the field is set and not one of `choices`."""
+    value = _get(config, path)
+    if _present(value) and value not in choices:
+        yield _bad(path, value, f"is not a known {what}", f"use one of {tuple(choices)}")
+
+
+def _at_least(config, path: str, lo, *, integer: bool = True, fix: str | None = None):
+    """A problem line if the field is set and is not a number (an int if `integer`) >= lo."""
+    value = _get(config, path)
+    if not _present(value):
+        return
+    kind = "an integer" if integer else "a number"
+    if not (_is_int(value) if integer else _is_real(value)):
+        yield _bad(path, value, f"is not {kind}", fix or f"set it to {kind} >= {lo}")
+    elif value < lo:
+        yield _bad(path, value, f"is below {lo}", fix or f"set it to {kind} >= {lo}")
+
+
+def _positive(config, path: str, *, allow_none: bool = False):
+    value = _get(config, path)
+    if value is _MISSING or (value is None and allow_none):
+        return
+    if not _is_real(value) or value <= 0:
+        none = " or None to turn it off" if allow_none else ""
+        yield _bad(path, value, "must be > 0", f"set it to a positive number{none}")
+
+
+def _in_unit_interval(config, path: str, what: str, example: float):
+    """A problem line if the field is set and not in [0, 1)."""
+    value = _get(config, path)
+    if _present(value) and (not _is_real(value) or not 0 <= value < 1):
+        yield _bad(path, value, f"must be in [0, 1) ({what})", f"e.g. {example}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks, one group each. Each yields problem lines.
+# ----------------------------------------------------------------------------------------------
+
+def _required(config):
+    for path in REQUIRED:
+        if _get(config, path, None) is None:
+            yield (f"config.{path} is missing; set it (configs/digits_diffusion.py shows every "
+                   f"field).")
+    if _get(config, "diffusion.beta_schedule", None) is None and \
+            _get(config, "diffusion.trained_betas", None) is None:
+        yield (f"config.diffusion.beta_schedule is missing; set it to one of "
+               f"{sched.BETA_SCHEDULES} (or give diffusion.trained_betas).")
+
+
+def _names(config):
+    yield from _choice(config, "objective", OBJECTIVES, "objective")
+    yield from _choice(config, "model.name", MODELS, "model")
+    yield from _choice(config, "data.name", data.DATASETS, "dataset")
+
+
+def _mesh(config, device_count: int):
+    """config.parallel.data * config.parallel.fsdp == device_count, one -1 filling the rest."""
+    sizes = {axis: _get(config, f"parallel.{axis}", default) for axis, default in
+             (("data", -1), ("fsdp", 1))}
+    bad = [axis for axis, size in sizes.items() if not _is_int(size) or (size < 1 and size != -1)]
+    for axis in bad:
+        yield _bad(f"parallel.{axis}", sizes[axis], "is not a mesh axis size",
+                   "use a positive integer, or -1 to fill with the remaining devices")
+    if bad:
+        return
+    fills = [axis for axis, size in sizes.items() if size == -1]
+    fixed = [size for size in sizes.values() if size != -1]
+    shown = ", ".join(f"parallel.{axis}={size}" for axis, size in sizes.items())
+    if len(fills) > 1:
+        yield (f"config.{shown}: only one mesh axis may be -1; give the other its size "
+               f"(e.g. parallel.fsdp=1).")
+    elif fills and any(device_count % size for size in fixed):
+        yield (f"config.{shown}: the fixed sizes do not divide the {device_count} devices; "
+               f"choose sizes that divide {device_count}.")
+    elif not fills and fixed[0] * fixed[1] != device_count:
+        yield (f"config.{shown}: data * fsdp = {fixed[0] * fixed[1]} but there are "
+               f"{device_count} devices; make the product {device_count}, or set one to -1.")
+
+
+def _batch_and_mesh(config, device_count: int, process_count: int, local_device_count: int):
+    yield from _at_least(config, "total_steps", 1)
+    batch = _get(config, "batch_size")
+    if _present(batch) and (not _is_int(batch) or batch < 1):
+        yield _bad("batch_size", batch, "is not a positive integer",
+                   "set the global batch size, e.g. 128")
+    elif _present(batch):
+        if batch % device_count:
+            yield _bad("batch_size", batch, f"is not divisible by the {device_count} devices",
+                       f"use a multiple of {device_count}")
+        elif batch % process_count:
+            yield _bad("batch_size", batch, f"is not divisible by the {process_count} processes",
+                       f"use a multiple of {process_count}")
+        elif (_get(config, "parallel.mode") == "pmap"
+              and (batch // process_count) % local_device_count):
+            yield _bad("batch_size", batch, f"gives a per-process batch of "
+                       f"{batch // process_count} that pmap cannot split over "
+                       f"{local_device_count} local devices",
+                       f"use a multiple of {process_count * local_device_count}")
+
+    yield from _choice(config, "parallel.mode", PARALLEL_MODES, "parallel mode")
+    if _get(config, "parallel.mode", "jit") == "pmap":
+        fsdp = _get(config, "parallel.fsdp", 1)
+        if fsdp not in (1, -1):
+            yield _bad("parallel.fsdp", fsdp, "needs parallel.mode='jit' (pmap replicates params)",
+                       "set parallel.fsdp=1 or parallel.mode='jit'")
+    else:
+        yield from _mesh(config, device_count)
+
+
+def _image_size(config):
+    """data.image_size >= 8 and divisible by what the model (and the VAE, if any) downsamples."""
+    size = _get(config, "data.image_size")
+    if not _present(size):
+        if _get(config, "data.name") not in (None, "digits"):  # digits defaults to 16
+            yield "config.data.image_size is missing; give the training resolution, e.g. 512."
+        return
+    if not _is_int(size) or size < MIN_IMAGE_SIZE:
+        yield _bad("data.image_size", size, f"is not an integer >= {MIN_IMAGE_SIZE}",
+                   "give the training resolution in pixels, e.g. 16 or 512")
+        return
+
+    factor, why = 1, []
+    name = _get(config, "model.name")
+    if name == "dit":
+        patch = _get(config, "model.patch_size")
+        if _present(patch) and (not _is_int(patch) or patch < 1):
+            yield _bad("model.patch_size", patch, "is not a positive integer", "e.g. 2")
+            return
+        if _present(patch):
+            factor, why = patch, [f"model.patch_size={patch}"]
+    elif name == "unet":
+        channels = _get(config, "model.block_out_channels")
+        if isinstance(channels, (list, tuple)) and channels:
+            factor = 2 ** (len(channels) - 1)
+            why = [f"the UNet's {len(channels) - 1} downsamplings"]
+    if _get(config, "vae", None):  # a latent model sees image_size / 8
+        vae_channels = _get(config, "vae.block_out_channels")
+        vae_factor = (2 ** (len(vae_channels) - 1) if isinstance(vae_channels, (list, tuple))
+                      and vae_channels else VAE_FACTOR)
+        factor, why = factor * vae_factor, why + [f"the VAE's factor {vae_factor}"]
+    if size % factor:
+        yield _bad("data.image_size", size, f"is not divisible by {factor} ({' x '.join(why)})",
+                   f"use a multiple of {factor}, e.g. {max(factor, size // factor * factor)}")
+
+    if name == "dit":
+        width, heads = _get(config, "model.width"), _get(config, "model.num_heads")
+        if _is_int(width) and _is_int(heads) and (heads < 1 or width % heads):
+            yield _bad("model.width", width, f"is not divisible by model.num_heads={heads}",
+                       "choose num_heads that divides width (e.g. width=128, num_heads=4)")
+
+
+def _diffusion(config):
+    yield from _choice(config, "diffusion.prediction_type", sched.PREDICTION_TYPES,
+                       "prediction type")
+    if _get(config, "diffusion.trained_betas", None) is None:
+        yield from _choice(config, "diffusion.beta_schedule", sched.BETA_SCHEDULES, "beta schedule")
+    yield from _at_least(config, "diffusion.num_train_timesteps", 2,
+                         fix="set it to an integer >= 2, e.g. 1000")
+    yield from _in_unit_interval(config, "diffusion.cond_drop_prob",
+                                 "the probability of dropping the condition", 0.1)
+    yield from _positive(config, "diffusion.min_snr_gamma", allow_none=True)
+
+
+def _optimizer(config):
+    yield from _positive(config, "optimizer.lr")
+    warmup, total = _get(config, "optimizer.warmup_steps"), _get(config, "total_steps")
+    yield from _at_least(config, "optimizer.warmup_steps", 0)
+    if _is_int(warmup) and _is_int(total) and 0 <= warmup and warmup >= total >= 1:
+        yield _bad("optimizer.warmup_steps", warmup, f"is not below total_steps={total}",
+                   f"use fewer warmup steps than {total} (e.g. {total // 10})")
+    yield from _positive(config, "optimizer.grad_clip", allow_none=True)
+    yield from _in_unit_interval(config, "ema_decay", "the EMA rate", 0.999)
+
+
+def _consistency_distillation(config):
+    """The `lcd` section, when present: guidance range, skip-step grid, solver and loss."""
+    if not _get(config, "lcd", None):
+        return
+    w_min, w_max = _get(config, "lcd.w_min"), _get(config, "lcd.w_max")
+    yield from _at_least(config, "lcd.w_min", 0, integer=False)
+    yield from _at_least(config, "lcd.w_max", 0, integer=False)
+    if _is_real(w_min) and _is_real(w_max) and 0 <= w_max < w_min:
+        yield _bad("lcd.w_min", w_min, f"is above lcd.w_max={w_max}",
+                   "give w_min <= w_max (guidance scales are drawn from [w_min, w_max])")
+
+    n, total = _get(config, "lcd.num_ddim_timesteps"), _get(config, "diffusion.num_train_timesteps")
+    if _present(n) and not _is_int(n):
+        yield _bad("lcd.num_ddim_timesteps", n, "is not an integer", "e.g. 50")
+    elif _present(n) and _is_int(total) and total >= 2:
+        try:
+            sched.skip_grid(total, n)
+        except ValueError as e:
+            yield f"config.lcd.num_ddim_timesteps: {e}"
+    yield from _choice(config, "lcd.solver", solvers.SOLVERS, "solver")
+    yield from _choice(config, "lcd.loss", LCD_LOSSES, "loss")
+    yield from _positive(config, "lcd.huber_c")
+
+
+def _samplers(config):
+    """config.sample and config.eval: sampler name, step count, guidance."""
+    total = _get(config, "diffusion.num_train_timesteps")
+    for section in ("sample", "eval"):
+        if not _get(config, section, None):
+            continue
+        name = _get(config, f"{section}.sampler")
+        yield from _choice(config, f"{section}.sampler", samplers.SAMPLERS, "sampler")
+        steps = _get(config, f"{section}.num_steps")
+        yield from _at_least(config, f"{section}.num_steps", 1)
+        if _is_int(steps) and steps >= 1:
+            if name in FEW_STEP_SAMPLERS:
+                limit = _get(config, f"{section}.original_inference_steps", 50)
+                if _is_int(limit) and steps > limit:
+                    yield _bad(f"{section}.num_steps", steps, f"exceeds the {limit} "
+                               f"original_inference_steps of the {name!r} sampler",
+                               f"use at most {limit} steps (typically 1-8)")
+            elif _is_int(total) and 2 <= total < steps:
+                yield _bad(f"{section}.num_steps", steps,
+                           f"exceeds diffusion.num_train_timesteps={total}",
+                           f"use at most {total} steps")
+        yield from _at_least(config, f"{section}.guidance_scale", 0, integer=False,
+                             fix="use 0 or more (1 = no guidance for most samplers)")
+
+
+def _loop(config):
+    yield from _at_least(config, "checkpoint.every_steps", 1)
+    yield from _at_least(config, "checkpoint.keep", 1)
+    yield from _at_least(config, "log_every_steps", 1)
+    yield from _choice(config, "wandb.mode", WANDB_MODES, "wandb mode")
+
+
+def _paths(config, process_count: int):
+    """Pretrained weights and data must already be on disk: nothing is downloaded here."""
+    pretrained = _get(config, "model.pretrained", None)
+    if pretrained:
+        path = os.path.expanduser(str(pretrained))
+        if not os.path.exists(path):
+            yield (f"config.model.pretrained={pretrained!r} does not exist; point it at a local "
+                   f"diffusers folder (weights cannot be downloaded here).")
+        elif not (os.path.isfile(os.path.join(path, "config.json"))
+                  or os.path.isfile(os.path.join(path, "unet", "config.json"))):
+            yield (f"config.model.pretrained={pretrained!r} is not a diffusers folder (no "
+                   f"config.json, no unet/config.json); point it at a model folder or a "
+                   f"pipeline folder saved by diffusers.")
+
+    name, path = _get(config, "data.name"), _get(config, "data.path", None)
+    if name not in ("folder", "webdataset"):
+        if name == "tfds" and not _get(config, "data.tfds_name", None):
+            yield "config.data.tfds_name is missing; name a tfds dataset, e.g. 'mnist'."
+        return
+    what = ("a folder of images" if name == "folder"
+            else "the .tar shards ('/data/{00000..00099}.tar')")
+    if not path:
+        yield f"config.data.path is not set; point it at {what}."
+    elif name == "folder" and not os.path.isdir(os.path.expanduser(str(path))):
+        yield _bad("data.path", path, "is not a folder", f"point it at {what}")
+    elif name == "webdataset":
+        try:
+            shards = webdataset.list_shards(str(path))
+        except ValueError as e:
+            yield str(e)
+        else:
+            if len(shards) < process_count:
+                yield _bad("data.path", path, f"has {len(shards)} shards for {process_count} "
+                           f"processes", "give at least one shard per process")

@@ -1,0 +1,116 @@
+"""Devices: the ('data', 'fsdp') mesh, parameter and batch shardings, the pmap path, multi-host.
+
+jit mode (the default, the pjit way): one program over all devices. Batches are split over both
+mesh axes; each parameter is either replicated or, under FSDP, split along its largest dimension
+divisible by the 'fsdp' axis size (params below `fsdp_min_size` elements stay replicated, where
+sharding costs more in collectives than it saves). XLA inserts the all-gathers and
+reduce-scatters. pmap mode keeps a replica per local device and averages gradients with
+`lax.pmean` over PMAP_AXIS, for users who want the classic data-parallel program.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both axes
+PMAP_AXIS = "batch"
+
+
+def initialize_distributed(parallel_config) -> None:
+    """jax.distributed.initialize from the config or, when it is empty, from the environment
+    (JAX_COORDINATOR_ADDRESS etc., or a cluster JAX auto-detects). Single-process: nothing."""
+    address = parallel_config.get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
+        return
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=parallel_config.get("num_processes") or None,
+        process_id=None if parallel_config.get("process_id", -1) < 0 else parallel_config.process_id)
+
+
+def mesh_shape(parallel_config, device_count: int) -> tuple[int, int]:
+    data, fsdp = parallel_config.get("data", -1), parallel_config.get("fsdp", 1)
+    if data == -1:
+        data = device_count // fsdp
+    if fsdp == -1:
+        fsdp = device_count // data
+    if data * fsdp != device_count:
+        raise ValueError(f"config.parallel.data * config.parallel.fsdp = {data} * {fsdp} must equal "
+                         f"the device count {device_count}; use -1 for one of them to fill.")
+    return data, fsdp
+
+
+def make_mesh(parallel_config, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(parallel_config, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def param_spec(shape, fsdp_size: int, min_size: int) -> P:
+    """Shard the largest dimension that the 'fsdp' axis divides; replicate small params."""
+    if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def state_shardings(mesh: Mesh, state_shape, fsdp_min_size: int = 2 ** 16):
+    """NamedShardings for a pytree of ShapeDtypeStructs (from jax.eval_shape of the init).
+    Scalars and rng keys are replicated; every array leaf follows `param_spec`."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(
+        lambda leaf: NamedSharding(mesh, param_spec(leaf.shape, fsdp, fsdp_min_size)), state_shape)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+    """This process's numpy batch -> one global jax.Array per key (strings stay on the host)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v)
+            for k, v in local_batch.items() if v.dtype.kind not in "USO"}
+
+
+# ----------------------------------------------------------------------------------------------
+# pmap mode
+# ----------------------------------------------------------------------------------------------
+
+def pmap_batch(local_batch: dict) -> dict:
+    """[B, ...] -> [local devices, B / local devices, ...] for pmap (strings stay on the host)."""
+    n = jax.local_device_count()
+    return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:])
+            for k, v in local_batch.items() if v.dtype.kind not in "USO"}
+
+
+def replicate(tree):
+    """One copy per local device, stacked on a leading axis sharded over them (pmap's layout)."""
+    devices = jax.local_devices()
+    sharding = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+    return jax.tree.map(
+        lambda x: jax.device_put(np.broadcast_to(x, (len(devices),) + np.shape(x)), sharding),
+        jax.device_get(tree))
+
+
+def unreplicate(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def example_offset(axis_name: str | None, local_batch_size: int):
+    """Global index of this shard's first example: per-example randomness is keyed by it, so
+    pmap, jit over any mesh, and one device draw exactly the same numbers."""
+    if axis_name is None:
+        return 0
+    return jax.lax.axis_index(axis_name) * local_batch_size

@@ -1,0 +1,346 @@
+"""The one training loop.
+
+`run(config, workdir, objective, pipeline)` owns the TrainState, the one compiled step (donated
+state, shardings from parallel.py, compiled ahead of time so errors and memory are known before
+the first batch), orbax checkpoints (periodic, on SIGTERM, resumed from `workdir` by itself,
+falling back past a corrupt newest one), metric writers (clu, metrics.jsonl, W&B), fixed-seed
+sample grids, a progress bar, and a NaN guard. It never branches on which objective runs: an
+objective gives `init_state(rng)`, `train_step(state, batch, axis_name=None)` and
+`sample_fn(params, rng, num_images, sample_config)`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm_jax import parallel
+
+log = logging.getLogger("lcm_jax")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray
+    params: Any
+    ema_params: Any  # the EMA / target network (theta^- of consistency distillation)
+    opt_state: Any
+    rng: jnp.ndarray  # base key; step s uses fold_in(rng, s), so a resumed run draws the same
+
+
+# ==============================================================================================
+# Checkpoints
+# ==============================================================================================
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """orbax logs every file operation at INFO through absl: keep the run's log readable."""
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+class Checkpointer:
+    """orbax CheckpointManager over {state, data}: atomic (written to a temporary directory and
+    renamed), keeps the newest `keep`, restores the newest one that reads back."""
+
+    def __init__(self, directory: str, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(directory), item_names=("state", "data"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def save(self, step: int, state, data_states: list) -> None:
+        args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
+                                       data=self.ocp.args.JsonSave({"processes": data_states}))
+        with _quiet_absl():
+            self.manager.save(step, args=args, force=True)
+            self.manager.wait_until_finished()
+
+    def restore(self, abstract_state):
+        """(state, data_states) from the newest readable checkpoint, or None if there is none."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                with _quiet_absl():
+                    restored = self.manager.restore(step, args=self.ocp.args.Composite(
+                        state=self.ocp.args.StandardRestore(abstract_state),
+                        data=self.ocp.args.JsonRestore()))
+                return restored.state, restored.data["processes"]
+            except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint: try the previous
+                log.warning("Checkpoint %d in %s cannot be restored (%s: %s); moving it aside to "
+                            "%d.corrupt and falling back to the previous one.", step,
+                            self.manager.directory, type(e).__name__, e, step)
+                self._move_aside(step)
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        """Keep an unreadable checkpoint for inspection, out of the way of the redone step."""
+        if jax.process_index() == 0:
+            path = os.path.join(str(self.manager.directory), str(step))
+            os.replace(path, f"{path}.corrupt")
+        self.manager.reload()
+
+
+def gather_data_states(state: dict) -> list:
+    """Every process's pipeline position (they differ for streamed datasets), as a list."""
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+
+    encoded = np.frombuffer(json.dumps(state).encode().ljust(4096), np.uint8)
+    gathered = multihost_utils.process_allgather(encoded)
+    return [json.loads(bytes(row).decode().strip()) for row in gathered]
+
+
+# ==============================================================================================
+# Writers
+# ==============================================================================================
+
+class Writers:
+    """clu metric writer + metrics.jsonl + Weights & Biases (process 0 writes)."""
+
+    def __init__(self, config, workdir: str):
+        self.primary = jax.process_index() == 0
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.primary else None
+        from clu import metric_writers
+
+        self.clu = metric_writers.create_default_writer(workdir, just_logging=not self.primary,
+                                                        asynchronous=False)
+        self.wandb = None
+        mode = config.wandb.get("mode", "offline")
+        if self.primary and mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=config.wandb.project, entity=config.wandb.get("entity") or None, mode=mode,
+                dir=workdir, config=config.to_dict(), tags=list(config.wandb.get("tags", ())),
+                id=_stable_run_id(workdir), resume="allow")
+
+    def scalars(self, step: int, metrics: dict) -> None:
+        self.clu.write_scalars(step, metrics)
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+            self.jsonl.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+    def images(self, step: int, name: str, grid: np.ndarray, path: str) -> None:
+        if not self.primary:
+            return
+        from PIL import Image
+
+        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(path)}, step=step)
+
+    def close(self) -> None:
+        self.clu.flush()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _stable_run_id(workdir: str) -> str:
+    """One W&B run per workdir, so a resumed run continues the same W&B run."""
+    path = os.path.join(workdir, "wandb_run_id")
+    if not os.path.exists(path):
+        import uuid
+
+        with open(path, "w") as f:
+            f.write(uuid.uuid4().hex[:12])
+    with open(path) as f:
+        return f.read().strip()
+
+
+def image_grid(images: np.ndarray, columns: int = 10) -> np.ndarray:
+    """[N, H, W, C] in [-1, 1] -> one uint8 grid image."""
+    images = np.asarray(images, np.float32)
+    n, h, w, c = images.shape
+    rows = math.ceil(n / columns)
+    columns = min(columns, n)
+    grid = np.ones((rows * h, columns * w, c), np.float32)
+    for i, im in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = im
+    return np.round((np.clip(grid, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+# ==============================================================================================
+# The compiled step, for either parallel mode
+# ==============================================================================================
+
+class Program:
+    """Builds the state and the step for config.parallel.mode, and moves batches and states
+    between the host and the devices in the matching layout."""
+
+    def __init__(self, config, objective, example_batch: dict, devices=None):
+        self.mode = config.parallel.get("mode", "jit")
+        self.objective = objective
+        init = objective.init_state
+        self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+        if self.mode == "pmap":
+            self.step_fn = jax.pmap(lambda s, b: objective.train_step(s, b, parallel.PMAP_AXIS),
+                                    axis_name=parallel.PMAP_AXIS, donate_argnums=0)
+            self.init_fn = lambda rng: parallel.replicate(jax.jit(init)(rng))
+            return
+        self.mesh = parallel.make_mesh(config.parallel, devices)
+        self.state_sharding = parallel.state_shardings(
+            self.mesh, self.abstract_state, config.parallel.get("fsdp_min_size", 2 ** 16))
+        self.batch_sharding = parallel.batch_sharding(self.mesh)
+        self.init_fn = jax.jit(init, out_shardings=self.state_sharding)
+        batch_shape = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype,
+                                               sharding=self.batch_sharding)
+                       for k, v in example_batch.items() if v.dtype.kind not in "USO"}
+        state_shape = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                   self.abstract_state, self.state_sharding)
+        # Ahead of time: shape and sharding errors surface here, before any data is read.
+        self.step_fn = jax.jit(objective.train_step, donate_argnums=0,
+                               out_shardings=(self.state_sharding, parallel.replicated(self.mesh))
+                               ).lower(state_shape, batch_shape).compile()
+        self.restore_target = state_shape
+
+    def device_batch(self, local_batch: dict):
+        if self.mode == "pmap":
+            return parallel.pmap_batch(local_batch)
+        return parallel.global_batch(local_batch, self.batch_sharding)
+
+    def host_state(self, state):
+        """The state as saved: one copy (pmap replicas collapsed)."""
+        return parallel.unreplicate(state) if self.mode == "pmap" else state
+
+    def device_state(self, state):
+        return parallel.replicate(state) if self.mode == "pmap" else state
+
+    def checkpoint_target(self):
+        return self.abstract_state if self.mode == "pmap" else self.restore_target
+
+    def host_metrics(self, metrics) -> dict:
+        metrics = parallel.unreplicate(metrics) if self.mode == "pmap" else metrics
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+# ==============================================================================================
+# The loop
+# ==============================================================================================
+
+def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None = None,
+        on_step: Callable[[int], None] | None = None):
+    """Train to config.total_steps (resuming from `workdir` if it holds checkpoints); returns
+    the final TrainState. `evaluate(params) -> dict` runs at the end; `on_step(step)` is called
+    after every step (tests use it to inject failures)."""
+    os.makedirs(workdir, exist_ok=True)
+    example = peek(pipeline)
+    program = Program(config, objective, example)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep)
+
+    restored = checkpointer.restore(program.checkpoint_target())
+    if restored is None:
+        state = program.init_fn(jax.random.PRNGKey(config.seed))
+    else:
+        state, data_states = restored
+        state = program.device_state(state)
+        pipeline.set_state(data_states[jax.process_index()])
+    start = int(jax.device_get(program.host_state(state).step))
+    if start:
+        log.info("Resumed from step %d in %s.", start, workdir)
+
+    writers = Writers(config, workdir)
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
+    sample = jax.jit(lambda p, rng: objective.sample_fn(p, rng, config.sample.num_images,
+                                                        config.sample)[0])
+    total = config.total_steps
+    bar = _progress(total, start)
+    metrics, last_saved, t0 = None, start, time.time()
+    try:
+        for step in range(start + 1, total + 1):
+            batch = program.device_batch(next(pipeline))
+            state, metrics = program.step_fn(state, batch)
+            bar.update(1)
+            if on_step is not None:
+                on_step(step)
+            is_last = step == total
+            if step % config.log_every_steps == 0 or is_last:
+                host = program.host_metrics(metrics)
+                _check_finite(host, step, last_saved)
+                host.update(steps_per_sec=(step - start) / (time.time() - t0),
+                            data_skipped=float(getattr(pipeline, "num_skipped", 0)))
+                writers.scalars(step, host)
+                bar.set_postfix(loss=f"{host['loss']:.4f}")
+            if step % config.checkpoint.every_steps == 0 or is_last or stop["signal"]:
+                _check_finite(program.host_metrics(metrics), step, last_saved)
+                checkpointer.save(step, program.host_state(state),
+                                  gather_data_states(pipeline.get_state()))
+                last_saved = step
+            if step % config.sample.every_steps == 0 or is_last:
+                ema = program.host_state(state).ema_params
+                images = sample(ema, jax.random.PRNGKey(config.seed + 1))  # fixed seed: comparable
+                writers.images(step, "samples", image_grid(images),
+                               os.path.join(workdir, f"samples_{step:07d}.png"))
+            if stop["signal"]:
+                log.warning("Stopped by signal %s at step %d; checkpoint saved.", stop["signal"], step)
+                return program.host_state(state)
+        bar.close()
+        final = program.host_state(state)
+        if evaluate is not None:
+            results = evaluate(final.ema_params)
+            writers.scalars(total, {f"eval/{k}": v for k, v in _flatten(results).items()})
+        return final
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        writers.close()
+
+
+def peek(pipeline) -> dict:
+    """One batch (for shapes), leaving the pipeline's position where it was."""
+    saved = pipeline.get_state()
+    batch = next(pipeline)
+    pipeline.set_state(saved)
+    return batch
+
+
+def _check_finite(metrics: dict, step: int, last_saved: int) -> None:
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(
+            f"Non-finite metrics {bad} at step {step}; stopping. The last good checkpoint (step "
+            f"{last_saved}) is kept: lower config.optimizer.lr or check the data, then rerun to "
+            f"resume from it.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            flat[f"{prefix}{k}"] = float(v)
+    return flat
+
+
+def _progress(total: int, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0 or os.environ.get("CI") == "true")

@@ -1,0 +1,54 @@
+"""Two tiny train steps on 8 simulated CPU devices in every parallel layout; prints JSON.
+
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_parallel.py does).
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import tiny_run  # noqa: E402
+
+from lcm_jax import train  # noqa: E402
+
+LAYOUTS = {"one_device": ("jit", 1, 1), "data8": ("jit", 8, 1), "data2_fsdp4": ("jit", 2, 4),
+           "fsdp8": ("jit", 1, 8), "pmap8": ("pmap", 8, 1)}
+
+
+def two_steps(mode, data, fsdp):
+    config = tiny_run.tiny_config()
+    config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
+    objective, pipeline = tiny_run.build(config)
+    batches = [pipeline.batch_at(i) for i in range(2)]
+    devices = jax.devices()[:data * fsdp]
+    program = train.Program(config, objective, batches[0], devices=devices)
+    state = program.init_fn(jax.random.PRNGKey(0))
+    losses = []
+    for batch in batches:
+        state, metrics = program.step_fn(state, program.device_batch(batch))
+        losses.append(program.host_metrics(metrics)["loss"])
+    sharded = 0
+    if mode == "jit":  # how many params are split over 'fsdp'
+        sharded = sum("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state.params))
+    params = jax.tree.leaves(jax.device_get(program.host_state(state).params))
+    return losses, params, sharded
+
+
+def main():
+    assert jax.device_count() == 8, "set XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    ref_losses, ref_params, _ = two_steps(*LAYOUTS["one_device"])
+    report = {}
+    for name, layout in LAYOUTS.items():
+        losses, params, sharded = two_steps(*layout)
+        report[name] = {
+            "losses": losses,
+            "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+            "max_param_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(params, ref_params)),
+            "sharded_params": sharded}
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Runs the tiny digits config in a fresh process (for kill -9, SIGTERM and 8-device tests).
+
+  python tests/tiny_run.py WORKDIR [--kill-at STEP] [--term-at STEP] [--set field=value ...]
+Prints one JSON line with the final params' checksum-free fingerprint path (params saved as .npz).
+"""
+import argparse
+import importlib.util
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def tiny_config(overrides=()):
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs/digits_diffusion.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *path, leaf = key.split(".")
+        node = config
+        for p in path:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+    return config
+
+
+def build(config):
+    import jax
+
+    from lcm_jax import data, models, objectives, train
+
+    pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+    image_shape = train.peek(pipeline)["image"].shape[1:]
+    model = models.make_model(config.model, image_shape[-1])
+    return objectives.make_objective(config, model, image_shape), pipeline
+
+
+def flat_params(state):
+    import jax
+    import numpy as np
+
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workdir")
+    parser.add_argument("--kill-at", type=int, default=0)
+    parser.add_argument("--term-at", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[])
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from lcm_jax import train
+
+    config = tiny_config(args.set)
+    objective, pipeline = build(config)
+
+    def on_step(step):
+        if step == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == args.term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    state = train.run(config, args.workdir, objective, pipeline, on_step=on_step)
+    np.savez(os.path.join(args.workdir, "final_params.npz"), **flat_params(state))
+
+
+if __name__ == "__main__":
+    main()
