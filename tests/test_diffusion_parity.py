@@ -6,6 +6,7 @@ draw at step i), for eps, v and x0 prediction over 1, 2, 4, 8 and 50 steps. A 1-
 `step()` call; longer loops check every step transitively.
 """
 import contextlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -96,8 +97,31 @@ def torch_loop(scheduler, x_T, num_steps, step_kwargs=None, noise_module=None, n
     return x.numpy()
 
 
+MEASURED = {}  # test id -> max abs error, written out when LCM_JAX_PARITY_REPORT names a file
+
+
+@pytest.fixture(autouse=True, scope="module")
+def parity_report():
+    yield
+    path = os.environ.get("LCM_JAX_PARITY_REPORT")
+    if path:
+        with open(path, "a") as f:
+            for name, err in MEASURED.items():
+                if name == "_current":
+                    continue
+                f.write(f"{name}\t{err:.3g}\n")
+
+
+@pytest.fixture(autouse=True)
+def _current_test(request):
+    MEASURED["_current"] = request.node.name
+    yield
+
+
 def assert_close(ours, theirs, tol=TOL):
     err = float(np.max(np.abs(np.asarray(ours) - theirs)))
+    name = MEASURED.get("_current", "?")
+    MEASURED[name] = max(err, MEASURED.get(name, 0.0))
     assert err <= tol, f"max abs error {err:.3g} > {tol}"
     return err
 

@@ -1,0 +1,32 @@
+"""README.md opens with the two commands; .ci/run runs the test command verbatim."""
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S)
+    return [b.strip() for b in blocks[:2]]
+
+
+def test_readme_opens_with_main_job_then_tests():
+    main_job, tests = readme_commands()
+    assert "experiments/main.py" in main_job and "pip install" in main_job
+    assert "pytest" in tests and "pip install" in tests
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    _, tests = readme_commands()
+    ci_lines = [l.strip() for l in open(os.path.join(ROOT, ".ci/run")) if l.strip()]
+    assert ci_lines[-1] == tests, f".ci/run ends with {ci_lines[-1]!r}, README says {tests!r}"
+
+
+def test_config_docstrings_give_command_runtime_and_result():
+    folder = os.path.join(ROOT, "configs")
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py") and name != "__init__.py":
+            doc = open(os.path.join(folder, name)).read().split('"""')[1]
+            assert "python experiments/main.py" in doc, name
+            assert "Expected" in doc, name
