@@ -16,13 +16,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.objective = "diffusion"
-    c.total_steps = 4000
-    c.batch_size = 128  # global, over all processes and devices
+    c.total_steps = 6000
+    c.batch_size = 64  # global, over all processes and devices
 
     c.data = ml_collections.ConfigDict(dict(name="digits", image_size=16, channels=1))
 
     c.model = ml_collections.ConfigDict(dict(
-        name="dit", patch_size=2, width=128, depth=4, num_heads=4, mlp_ratio=4.0,
+        name="dit", patch_size=4, width=128, depth=4, num_heads=4, mlp_ratio=4.0,
         num_classes=10, dtype="float32", remat=False))
 
     c.diffusion = ml_collections.ConfigDict(dict(
@@ -30,7 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         prediction_type="epsilon", min_snr_gamma=5.0, cond_drop_prob=0.1))
 
     c.optimizer = ml_collections.ConfigDict(dict(
-        lr=1e-3, warmup_steps=200, decay="cosine", b1=0.9, b2=0.999, weight_decay=0.0,
+        lr=1e-3, warmup_steps=100, decay="cosine", b1=0.9, b2=0.999, weight_decay=0.0,
         grad_clip=1.0))
     c.ema_decay = 0.999
 

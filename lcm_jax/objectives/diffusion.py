@@ -1,8 +1,8 @@
 """Plain diffusion training: eps / v / x0 targets, min-SNR weighting, condition dropout.
 
-Trains teachers and, later, LEGO / DiT backbones from scratch. The network is any Linen module
-called as `model.apply({'params': p}, x_t, t, labels)`; dropped conditions use the null class
-`num_classes` (classifier-free guidance at sampling time).
+Trains teachers and, later, LEGO / DiT backbones from scratch. The network is a
+`models.Denoiser` called as `model.apply(params, x_t, t, labels)`; dropped conditions use the
+null class `num_classes` (classifier-free guidance at sampling time).
 """
 from __future__ import annotations
 
@@ -45,8 +45,7 @@ class DiffusionObjective:
     def init_state(self, rng) -> TrainState:
         init_rng, rng = jax.random.split(rng)
         x = jnp.zeros((1,) + self.image_shape)
-        params = self.model.init(init_rng, x, jnp.zeros((1,), jnp.int32),
-                                 jnp.zeros((1,), jnp.int32))["params"]
+        params = self.model.init(init_rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=self.tx.init(params), rng=rng)
 
@@ -79,7 +78,7 @@ class DiffusionObjective:
         labels = jnp.where(drop, self.null_class, batch["label"])
         alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = sched.add_noise(x0, eps, alpha, sigma)
-        out = self.model.apply({"params": params}, x_t, t, labels)
+        out = self.model.apply(params, x_t, t, labels)
         target = sched.from_x0_eps(x0, eps, alpha, sigma, self.diffusion.prediction_type)
         mse = jnp.mean((out.astype(jnp.float32) - target) ** 2, axis=tuple(range(1, x0.ndim)))
         weight = min_snr_weight((alpha / sigma) ** 2, self.diffusion.get("min_snr_gamma"),
@@ -88,7 +87,7 @@ class DiffusionObjective:
         return loss, {"loss": loss, "mse": jnp.mean(mse)}
 
     def apply_fn(self, params):
-        return lambda x, t, labels: self.model.apply({"params": params}, x, t, labels)
+        return lambda x, t, labels: self.model.apply(params, x, t, labels)
 
     def sample(self, params, rng, labels, sample_config):
         x = jax.random.normal(rng, (labels.shape[0],) + self.image_shape)
