@@ -28,6 +28,6 @@ setup(
     ],
     extras_require={
         # torch + diffusers are test-time references only: lcm_jax never imports them.
-        "dev": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers"],
+        "dev": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "peft"],
     },
 )

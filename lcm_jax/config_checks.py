@@ -19,10 +19,10 @@ from lcm_jax import data
 from lcm_jax.data import webdataset
 from lcm_jax.diffusion import samplers, solvers
 from lcm_jax.diffusion import schedule as sched
+from lcm_jax.models import MODELS
 
 # The objectives registry: the names `config.objective` may take (one file each in objectives/).
 OBJECTIVES = ("diffusion", "lcd", "lcf", "tcd", "smooth")
-MODELS = ("dit", "unet")
 PARALLEL_MODES = ("jit", "pmap")
 LCD_LOSSES = ("l2", "huber")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -230,7 +230,7 @@ def _image_size(config):
         if _present(patch):
             factor, why = patch, [f"model.patch_size={patch}"]
     elif name == "unet":
-        channels = _get(config, "model.block_out_channels")
+        channels = _get(config, "model.unet.block_out_channels")  # the diffusers UNet config
         if isinstance(channels, (list, tuple)) and channels:
             factor = 2 ** (len(channels) - 1)
             why = [f"the UNet's {len(channels) - 1} downsamplings"]

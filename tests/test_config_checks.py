@@ -59,7 +59,7 @@ BAD = [
     ("tiny", "parallel.fsdp", 3, "parallel.fsdp=3", "divide"),
     ("tiny", "parallel.data", 2, "parallel.data=2", "product"),
     ("tiny", "parallel.fsdp", -1, "parallel.fsdp=-1", "only one"),
-    ("tiny", "data.image_size", 15, "config.data.image_size", "multiple of 2"),
+    ("tiny", "data.image_size", 15, "config.data.image_size", "multiple of 4"),
     ("tiny", "data.image_size", 4, "config.data.image_size", ">= 8"),
     ("tiny", "model.num_heads", 3, "config.model.width", "num_heads"),
     ("tiny", "diffusion.prediction_type", "eps", "config.diffusion.prediction_type", "epsilon"),
@@ -138,7 +138,7 @@ def test_pmap_rejects_fsdp():
 
 
 def test_latent_unet_image_size_counts_vae_and_downsamplings():
-    unet = dict(model__name="unet", model__block_out_channels=(32, 64, 64, 64),
+    unet = dict(model__name="unet", model__unet__block_out_channels=(32, 64, 64, 64),
                 vae__scaling_factor=0.18215)
     message = errors(make(data__image_size=96, **unet))
     assert "not divisible by 64" in message and "VAE" in message

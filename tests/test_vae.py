@@ -1,4 +1,4 @@
-"""The AutoencoderKL port against diffusers on tiny random configs (fp32, <= 1e-4), loading and export."""
+"""The AutoencoderKL port vs diffusers on tiny random configs (fp32, <= 1e-4); loading, export."""
 import dataclasses
 import json
 import os
@@ -20,8 +20,8 @@ BASE = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_pe
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 CONFIGS = {
     "sd": BASE,
-    "plain": dict(BASE, use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
-                  layers_per_block=2, scaling_factor=0.13025, shift_factor=0.1),
+    "plain": dict(BASE, use_quant_conv=False, use_post_quant_conv=False, layers_per_block=2,
+                  mid_block_add_attention=False, scaling_factor=0.13025, shift_factor=0.1),
 }
 TOL = 1e-4
 
@@ -79,7 +79,8 @@ def test_sample_and_scaled_latents(case):
     rng = jax.random.PRNGKey(0)
     z = m.sample(mean, logvar, rng)
     eps = jax.random.normal(rng, mean.shape)
-    np.testing.assert_allclose(z, mean + np.exp(0.5 * np.asarray(logvar)) * eps, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(z, mean + np.exp(0.5 * np.asarray(logvar)) * eps,
+                               rtol=1e-6, atol=1e-6)
     latents = m.encode_to_latents(p, nhwc(case["x"]), rng)
     np.testing.assert_allclose(latents, (z - (c.shift_factor or 0)) * c.scaling_factor,
                                rtol=1e-5, atol=1e-5)
@@ -94,7 +95,7 @@ def test_sample_and_scaled_latents(case):
 
 
 def test_round_trip_to_diffusers(case, tmp_path):
-    """ours -> save_pretrained -> diffusers' from_pretrained gives back the same weights and outputs."""
+    """ours -> save_pretrained -> diffusers' from_pretrained: the same weights and outputs."""
     config = convert.read_config(case["folder"])
     vae.save_pretrained(str(tmp_path), config, case["params"])
     back = diffusers.AutoencoderKL.from_pretrained(str(tmp_path)).eval()
@@ -106,7 +107,8 @@ def test_round_trip_to_diffusers(case, tmp_path):
         assert torch.equal(back.encode(case["x"]).latent_dist.mean, case["ref"]["mean"])
     # a module built from scratch exports its own config
     vae.save_pretrained(str(tmp_path / "own"), case["module"].config.to_dict(), case["params"])
-    assert vae.VAEConfig.from_dict(convert.read_config(str(tmp_path / "own"))) == case["module"].config
+    own = convert.read_config(str(tmp_path / "own"))
+    assert vae.VAEConfig.from_dict(own) == case["module"].config
 
 
 @pytest.mark.parametrize("case", ["sd"], indirect=True)
@@ -114,7 +116,7 @@ def test_tiled_decode_matches_diffusers(case):
     model, m, p = case["model"], case["module"], case["params"]
     z = torch.randn(1, 4, 16, 16)
     model.enable_tiling()
-    model.tile_latent_min_size, model.tile_sample_min_size = 8, 16  # 3 x 3 tiles, ragged at the edges
+    model.tile_latent_min_size, model.tile_sample_min_size = 8, 16  # 3 x 3 tiles, ragged edges
     try:
         with torch.no_grad():
             ref = model.decode(z).sample
@@ -150,7 +152,7 @@ def test_fp16_variant(sd_case, tmp_path):
     state = convert.flax_to_torch(params)
     want = {k: v.half().float().numpy() for k, v in model.state_dict().items()}
     assert all(np.array_equal(state[k], want[k]) for k in want)
-    with pytest.raises(FileNotFoundError, match="fp16"):  # the plain file is absent: says what is there
+    with pytest.raises(FileNotFoundError, match="fp16"):  # no plain file: it names what is there
         vae.from_pretrained(str(tmp_path))
 
 
@@ -165,7 +167,8 @@ def test_legacy_attention_names(sd_case, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(convert.read_config(folder)))
     _, params = vae.from_pretrained(str(tmp_path))
     state_back = convert.flax_to_torch(params)
-    assert set(state_back) == set(state) and all(np.array_equal(state_back[k], state[k]) for k in state)
+    assert set(state_back) == set(state)
+    assert all(np.array_equal(state_back[k], state[k]) for k in state)
 
 
 def test_errors(sd_case, tmp_path):
@@ -189,6 +192,6 @@ def test_errors(sd_case, tmp_path):
     assert "shape mismatch for decoder.conv_out.weight" in str(err.value)
     assert "missing key encoder.conv_in.bias" in str(err.value)
     with pytest.raises(ValueError, match="down_block_types"):
-        vae.from_config(dict(config, down_block_types=["AttnDownEncoderBlock2D", "DownEncoderBlock2D"]))
+        vae.from_config(dict(config, down_block_types=["AttnDownEncoderBlock2D"] * 2))
     with pytest.raises(ValueError, match="act_fn"):
         vae.from_config(dict(config, act_fn="gelu"))

@@ -164,7 +164,8 @@ class Encoder(nn.Module):
         x = conv(chans[0], 3, self.dtype, "conv_in")(x.astype(self.dtype))
         for i, ch in enumerate(chans):
             x = Block(ch, c.layers_per_block, c.norm_num_groups,
-                      None if i == len(chans) - 1 else "down", self.dtype, name=f"down_blocks_{i}")(x)
+                      None if i == len(chans) - 1 else "down", self.dtype,
+                      name=f"down_blocks_{i}")(x)
         x = MidBlock(c.norm_num_groups, c.mid_block_add_attention, self.dtype, name="mid_block")(x)
         return _out(x, c, 2 * c.latent_channels, self.dtype)
 
@@ -202,7 +203,7 @@ class AutoencoderKL(nn.Module):
             if c.use_post_quant_conv else None
 
     def encode(self, x):
-        """Images [B, H, W, in_channels] -> the posterior's (mean, logvar), [B, H/f, W/f, latent] each."""
+        """Images [B, H, W, in] -> the posterior's (mean, logvar), [B, H/f, W/f, latent] each."""
         h = self.encoder(x)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
@@ -227,7 +228,7 @@ class AutoencoderKL(nn.Module):
     # -- functions of `params` (call them on the unbound module) ----------------------------------
 
     def _latent_stats(self):
-        """(shift, scale) with model latents = (z - shift) * scale, as diffusers' pipelines scale."""
+        """(shift, scale) with model latents = (z - shift) * scale, as diffusers' pipelines do."""
         c = self.config
         if c.latents_mean is not None and c.latents_std is not None:  # SDXL-style per-channel stats
             return (jnp.asarray(c.latents_mean, jnp.float32),
@@ -250,8 +251,9 @@ class AutoencoderKL(nn.Module):
     def decode_tiled(self, params, z, tile: int | None = None, overlap: float = 0.25):
         """decode(z) in overlapping tiles of `tile` latent pixels (default sample_size / f), each
         blended linearly into its upper and left neighbours over `overlap` of a tile: diffusers'
-        `tiled_decode`, step for step. The decoder runs on one tile at a time (its activations are
-        the memory that grows with the image); each distinct tile shape (at most four) compiles once.
+        `tiled_decode`, step for step. The decoder runs on one tile at a time (its activations
+        are the memory that grows with the image); each distinct tile shape (at most four)
+        compiles once.
         Not equal to decode(z): attention and GroupNorm see one tile, not the whole latent."""
         f = self.config.factor
         tile = tile or self.config.sample_size // f
@@ -312,7 +314,8 @@ def abstract_params(module: AutoencoderKL):
 
 def rename_legacy_keys(state_dict: dict) -> dict:
     """query/key/value/proj_attn -> to_q/to_k/to_v/to_out.0 (what diffusers does on load)."""
-    pattern = re.compile(r"((?:en|de)coder\.mid_block\.attentions\.\d+)\.(query|key|value|proj_attn)\.")
+    pattern = re.compile(r"((?:en|de)coder\.mid_block\.attentions\.\d+)\."
+                         r"(query|key|value|proj_attn)\.")
     return {pattern.sub(lambda m: f"{m.group(1)}.{LEGACY_ATTENTION[m.group(2)]}.", k): v
             for k, v in state_dict.items()}
 

@@ -1,0 +1,127 @@
+"""LoRA as a parameter transform: the base params are never touched.
+
+`lora = init(rng, base, targets, rank)` makes low-rank factors for every kernel whose module
+name is in `targets`; `merge(base, lora, alpha)` returns base + (alpha / rank) B A for those
+kernels. Training differentiates through `merge` with respect to `lora` only, so ONE base copy
+serves as the frozen teacher (apply with `base`) and as the student (apply with `merge(...)`):
+with LoRA off the forward is exactly the base model's.
+
+Layout (peft's, so export is a transpose): a Dense kernel [in, out] gets A [in, r] and B [r, out];
+a Conv kernel [kh, kw, in, out] gets A [kh, kw, in, r] (a conv like the base one) and
+B [1, 1, r, out] (a 1x1 conv). A starts random (kaiming-uniform, a = sqrt(5), as peft), B at 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm_jax.models import convert
+
+# The LCM-LoRA set (latent-consistency/lcm-lora-sdv1-5's adapter config).
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "proj_in", "proj_out", "proj", "net_2",
+                    "conv1", "conv2", "conv_shortcut", "conv", "time_emb_proj")
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def _targeted(path: tuple, targets: Iterable[str]) -> bool:
+    """A kernel whose module name is a target. `proj` means ff.net.0.proj (GEGLU's projection)
+    and `conv` the resamplers' convs: their parents are net_0 / downsamplers_k / upsamplers_k."""
+    if path[-1] != "kernel" or len(path) < 2:
+        return False
+    name, parent = path[-2], path[-3] if len(path) > 2 else ""
+    if name == "proj" and parent != "net_0":
+        return False
+    if name == "conv" and not re.fullmatch(r"(down|up)samplers_\d+", parent):
+        return False
+    return name in targets
+
+
+def init(rng, base: Mapping, targets: Iterable[str] = LCM_LORA_TARGETS, rank: int = 64) -> dict:
+    targets = tuple(targets)
+    flat = convert.flatten(base)
+    chosen = sorted(p for p in flat if _targeted(p, targets))
+    if not chosen:
+        raise ValueError(f"No kernel matches the LoRA targets {targets}; check config.lora.targets.")
+    lora = {}
+    for i, path in enumerate(chosen):
+        kernel = flat[path]
+        *window, fan_in, fan_out = kernel.shape
+        r = min(rank, fan_in * int(np.prod(window, dtype=int)), fan_out)
+        bound = 1.0 / math.sqrt(fan_in * int(np.prod(window, dtype=int)))  # kaiming_uniform(a=sqrt 5)
+        a = jax.random.uniform(jax.random.fold_in(rng, i), (*window, fan_in, r), jnp.float32,
+                               -bound, bound)
+        b = jnp.zeros((*([1] * len(window)), r, fan_out), jnp.float32)
+        lora[path[:-1] + ("lora_A",)] = a
+        lora[path[:-1] + ("lora_B",)] = b
+    return convert.unflatten(lora)
+
+
+def delta(a, b):
+    """B A in the base kernel's layout."""
+    if a.ndim == 2:
+        return a @ b
+    return jnp.einsum("hwir,r o->hwio".replace(" ", ""), a, b[0, 0])
+
+
+def merge(base: Mapping, lora: Mapping, alpha: float, scale: float = 1.0) -> dict:
+    """base + scale * (alpha / r) B A on every targeted kernel; other params pass through."""
+    flat_lora = convert.flatten(lora)
+    merged = dict(convert.flatten(base))
+    for path in flat_lora:
+        if path[-1] != "lora_A":
+            continue
+        module = path[:-1]
+        a, b = flat_lora[path], flat_lora[module + ("lora_B",)]
+        kernel = merged[module + ("kernel",)]
+        merged[module + ("kernel",)] = kernel + (scale * alpha / a.shape[-1]) * delta(a, b).astype(kernel.dtype)
+    return convert.unflatten(merged)
+
+
+def unmerge(merged: Mapping, lora: Mapping, alpha: float, scale: float = 1.0) -> dict:
+    return merge(merged, lora, alpha, -scale)
+
+
+def trainable_mask(params: Mapping, lora_key: str = "lora") -> dict:
+    """For optax.masked / multi_transform over {'base': ..., 'lora': ...}: True on LoRA leaves."""
+    return {k: jax.tree.map(lambda _: k == lora_key, v) for k, v in params.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Export / import: the peft format diffusers' load_lora_weights / load_lora_adapter accepts.
+# ----------------------------------------------------------------------------------------------
+
+def to_peft_state_dict(lora: Mapping, prefix: str = "unet") -> dict[str, np.ndarray]:
+    out = {}
+    for path, value in convert.flatten(lora).items():
+        module = convert.path_to_torch_key(path[:-1], "").rstrip(".")
+        v = np.asarray(value, np.float32)
+        if v.ndim == 2:
+            v = v.T  # A [in, r] -> lora_A.weight [r, in]; B [r, out] -> lora_B.weight [out, r]
+        else:
+            v = v.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+        out[f"{prefix}.{module}.{path[-1]}.weight"] = np.ascontiguousarray(v)
+    return out
+
+
+def save(folder: str, lora: Mapping, alpha: float, prefix: str = "unet") -> str:
+    """pytorch_lora_weights.safetensors with diffusers' adapter metadata (rank, alpha, targets)."""
+    from safetensors.numpy import save_file
+
+    state = to_peft_state_dict(lora, prefix)
+    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
+    modules = sorted({k[len(prefix) + 1:].rsplit(".", 2)[0] for k in state})  # full module paths
+    metadata = {f"{prefix}.r": max(ranks), f"{prefix}.lora_alpha": alpha,
+                f"{prefix}.target_modules": modules}
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, WEIGHTS_NAME)
+    save_file(state, path + ".tmp", metadata={"format": "pt", "lora_adapter_metadata":
+                                              json.dumps(metadata, sort_keys=True)})
+    os.replace(path + ".tmp", path)
+    return path

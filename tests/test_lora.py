@@ -1,0 +1,78 @@
+"""LoRA: a parameter transform that diffusers (peft) loads and matches."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from lcm_jax.models import convert, lora, unet  # noqa: E402
+from test_unet import CONFIGS, inputs, jax_forward, random_torch_unet, torch_forward  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    config = CONFIGS["sd1"]
+    model = random_torch_unet(config)
+    folder = tmp_path_factory.mktemp("base")
+    model.save_pretrained(folder, safe_serialization=True)
+    module, params = unet.from_pretrained(str(folder))
+    return config, folder, module, params
+
+
+def random_lora(params, rank, seed=0):
+    """LoRA with B moved off zero, so the adapter changes the output."""
+    factors = lora.init(jax.random.PRNGKey(seed), params, rank=rank)
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(x + 0.2 * rng.standard_normal(x.shape), jnp.float32),
+                        factors)
+
+
+def test_targets_are_the_lcm_lora_set(base):
+    _, _, _, params = base
+    names = {convert.path_to_torch_key(p[:-1], "").rstrip(".").split(".")[-1]
+             for p in convert.flatten(lora.init(jax.random.PRNGKey(0), params, rank=4))}
+    assert names == {"to_q", "to_k", "to_v", "0", "proj_in", "proj_out", "proj", "2", "conv1",
+                     "conv2", "conv_shortcut", "conv", "time_emb_proj"}
+
+
+def test_lora_off_is_exactly_the_base_model(base):
+    config, _, module, params = base
+    factors = lora.init(jax.random.PRNGKey(0), params, rank=4)  # B = 0 at init
+    x, t, kw = inputs(config)
+    np.testing.assert_array_equal(jax_forward(module, lora.merge(params, factors, 4.0), x, t, kw),
+                                  jax_forward(module, params, x, t, kw))
+    restored = lora.unmerge(lora.merge(params, random_lora(params, 4), 8.0), random_lora(params, 4), 8.0)
+    err = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+              zip(jax.tree.leaves(restored), jax.tree.leaves(params)))
+    assert err < 1e-6
+
+
+@pytest.mark.parametrize("rank,alpha", [(4, 4.0), (2, 8.0)])
+def test_exported_lora_loads_into_diffusers_and_matches(base, tmp_path, rank, alpha):
+    config, folder, module, params = base
+    factors = random_lora(params, rank)
+    lora.save(str(tmp_path), factors, alpha)
+    ours = jax_forward(module, lora.merge(params, factors, alpha), *inputs(config))
+    model = diffusers.UNet2DConditionModel.from_pretrained(str(folder)).eval()
+    base_out = torch_forward(model, *inputs(config))
+    model.load_lora_adapter(str(tmp_path), weight_name=lora.WEIGHTS_NAME, prefix="unet",
+                            adapter_name="lcm")
+    theirs = torch_forward(model, *inputs(config))
+    assert np.max(np.abs(theirs - base_out)) > 1e-2  # the adapter really changed the output
+    assert np.max(np.abs(ours - theirs)) <= 1e-4
+
+
+def test_gradients_flow_only_to_lora(base):
+    config, _, module, params = base
+    factors = random_lora(params, 2)
+    x, t, kw = inputs(config)
+    xj = jnp.asarray(x.transpose(0, 2, 3, 1))
+    kwj = jax.tree.map(jnp.asarray, kw)
+    loss = lambda f: jnp.mean(module.apply({"params": lora.merge(params, f, 2.0)}, xj, t, **kwj) ** 2)
+    grads = jax.grad(loss)(factors)
+    assert jax.tree.structure(grads) == jax.tree.structure(factors)
+    assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
