@@ -93,20 +93,30 @@ def test_export_round_trip_loads_in_diffusers(pair, tmp_path):
     np.testing.assert_array_equal(torch_forward(reloaded, x, t, kw), torch_forward(model, x, t, kw))
 
 
+def fast_compile(f, *args):
+    """Compile at XLA's lowest backend optimisation: these tests check values, not speed."""
+    return jax.jit(f).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+
+
 def test_remat_and_bf16_switches():
-    config = CONFIGS["sd1"]
-    module = unet.from_config(dict(config))
+    config = CONFIGS["classes"]
     x, t, kw = inputs(config)
-    kw = jax.tree.map(jnp.asarray, kw)
-    xj = jnp.asarray(x.transpose(0, 2, 3, 1))
-    params = module.init(jax.random.PRNGKey(0), xj, jnp.asarray(t), **kw)["params"]
-    loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, xj, jnp.asarray(t), **kw) ** 2)
-    g0 = jax.grad(loss(module))(params)
-    g1 = jax.grad(loss(unet.from_config(dict(config), remat=True)))(params)
-    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1))) < 1e-5
-    bf16 = unet.from_config(dict(config), dtype=jnp.bfloat16).apply({"params": params}, xj, jnp.asarray(t), **kw)
-    ref = module.apply({"params": params}, xj, jnp.asarray(t), **kw)
-    assert bf16.dtype == jnp.float32 and float(jnp.max(jnp.abs(bf16 - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+    xj, tj, kw = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jax.tree.map(jnp.asarray, kw)
+    module = unet.from_config(dict(config))
+    params = module.init(jax.random.PRNGKey(0), xj, tj, **kw)["params"]
+    remat = unet.from_config(dict(config), remat=True)
+    bf16 = unet.from_config(dict(config), dtype=jnp.bfloat16)
+
+    def check(p):
+        loss = lambda m: lambda q: jnp.sum(m.apply({"params": q}, xj, tj, **kw) ** 2)
+        return (jax.grad(loss(module))(p), jax.grad(loss(remat))(p),
+                module.apply({"params": p}, xj, tj, **kw), bf16.apply({"params": p}, xj, tj, **kw))
+
+    g0, g1, ref, low = fast_compile(check, params)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):  # same grads up to fp32 reordering
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(a))))
+    assert low.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(low - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
 
 
 def test_unsupported_config_names_the_field():
