@@ -273,7 +273,7 @@ def load_tokenizer(folder: str):
 
     missing = [f for f in ("vocab.json", "merges.txt")
                if not os.path.exists(os.path.join(folder, f))]
-    if missing:
+    if missing and not os.path.exists(os.path.join(folder, "tokenizer.json")):  # transformers 5 saves only this
         raise FileNotFoundError(f"{folder} is not a CLIP tokenizer folder (missing "
                                 f"{', '.join(missing)}); give e.g. PIPELINE/tokenizer.")
     return CLIPTokenizer.from_pretrained(folder)
