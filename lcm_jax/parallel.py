@@ -26,6 +26,8 @@ def initialize_distributed(parallel_config) -> None:
     address = parallel_config.get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not address:
         return
+    # CPU hosts need a collectives backend for cross-process programs; GPU/TPU ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=address,
         num_processes=parallel_config.get("num_processes") or None,
@@ -68,6 +70,18 @@ def state_shardings(mesh: Mesh, state_shape, fsdp_min_size: int = 2 ** 16):
     fsdp = mesh.shape["fsdp"]
     return jax.tree.map(
         lambda leaf: NamedSharding(mesh, param_spec(leaf.shape, fsdp, fsdp_min_size)), state_shape)
+
+
+def to_host(tree):
+    """numpy copies of (replicated) arrays, also across processes, where a replicated array is
+    not fully addressable and device_get refuses it: every process reads its local replica."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                raise ValueError("to_host reads replicated arrays only; gather sharded ones first.")
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+    return jax.tree.map(one, tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

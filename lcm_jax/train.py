@@ -237,7 +237,7 @@ class Program:
 
     def host_metrics(self, metrics) -> dict:
         metrics = parallel.unreplicate(metrics) if self.mode == "pmap" else metrics
-        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+        return {k: float(v) for k, v in parallel.to_host(metrics).items()}
 
 
 # ==============================================================================================
@@ -261,7 +261,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
         state, data_states = restored
         state = program.device_state(state)
         pipeline.set_state(data_states[jax.process_index()])
-    start = int(jax.device_get(program.host_state(state).step))
+    start = int(parallel.to_host(program.host_state(state).step))
     if start:
         log.info("Resumed from step %d in %s.", start, workdir)
 
@@ -296,7 +296,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
             if step % config.sample.every_steps == 0 or is_last:
                 ema = program.host_state(state).ema_params
                 images = sample(ema, jax.random.PRNGKey(config.seed + 1))  # fixed seed: comparable
-                writers.images(step, "samples", image_grid(images),
+                writers.images(step, "samples", image_grid(parallel.to_host(images)),
                                os.path.join(workdir, f"samples_{step:07d}.png"))
             if stop["signal"]:
                 log.warning("Stopped by signal %s at step %d; checkpoint saved.", stop["signal"], step)

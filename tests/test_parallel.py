@@ -49,3 +49,30 @@ def test_mesh_shape_fills():
     assert parallel.mesh_shape(ConfigDict(dict(data=2, fsdp=-1)), 8) == (2, 4)
     with pytest.raises(ValueError, match="config.parallel.data"):
         parallel.mesh_shape(ConfigDict(dict(data=3, fsdp=1)), 8)
+
+
+def test_two_processes_on_localhost_match_one(tmp_path):
+    """A real multi-controller run: 2 processes x 1 CPU device (gloo collectives) train the tiny
+    config, checkpoint (data positions all-gathered) and end where one process ends."""
+    import socket
+
+    import numpy as np
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
+    env.pop("XLA_FLAGS", None)
+    run = lambda workdir, *extra: subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "tests/tiny_run.py"), str(workdir), *extra], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sets = lambda pid: ["--set", f"parallel.coordinator_address=127.0.0.1:{port}",
+                        "parallel.num_processes=2", f"parallel.process_id={pid}"]
+    procs = [run(tmp_path / "two", *sets(pid)) for pid in (0, 1)]
+    single = run(tmp_path / "one")
+    for p in procs + [single]:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    two, one = np.load(tmp_path / "two" / "final_params.npz"), np.load(tmp_path / "one" / "final_params.npz")
+    assert max(float(np.max(np.abs(two[k] - one[k]))) for k in one.files) <= 1e-6
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4", "6"]

@@ -42,10 +42,11 @@ def build(config):
 
 def flat_params(state):
     import jax
-    import numpy as np
 
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+    from lcm_jax import parallel
+
+    leaves = jax.tree_util.tree_flatten_with_path(parallel.to_host(state.params))[0]
+    return {jax.tree_util.keystr(k): v for k, v in leaves}
 
 
 def main():
@@ -58,9 +59,10 @@ def main():
 
     import numpy as np
 
-    from lcm_jax import train
+    from lcm_jax import parallel, train
 
     config = tiny_config(args.set)
+    parallel.initialize_distributed(config.parallel)  # before anything touches a device
     objective, pipeline = build(config)
 
     def on_step(step):
@@ -70,7 +72,11 @@ def main():
             os.kill(os.getpid(), signal.SIGTERM)
 
     state = train.run(config, args.workdir, objective, pipeline, on_step=on_step)
-    np.savez(os.path.join(args.workdir, "final_params.npz"), **flat_params(state))
+    params = flat_params(state)
+    import jax
+
+    if jax.process_index() == 0:
+        np.savez(os.path.join(args.workdir, "final_params.npz"), **params)
 
 
 if __name__ == "__main__":
