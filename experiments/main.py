@@ -48,20 +48,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model = models.make_model(config.model, image_shape[-1])
     objective = objectives.make_objective(config, model, image_shape)
 
-    evaluate = None
-    if config.data.name == "digits":
-        from lcm_jax.eval import digits_metrics, sampling
-
-        def evaluate(params):
-            evaluator = digits_metrics.DigitsEvaluator(config.data.image_size,
-                                                       config.data.get("channels", 1))
-            return {f"{config.eval.sampler}{config.eval.num_steps}": sampling.evaluate_digits(
-                objective, params, config.eval, evaluator, seed=config.seed)}
-
     os.makedirs(workdir, exist_ok=True)
+    evaluate = _digits_evaluation(config, objective) if config.data.name == "digits" else None
     train.run(config, workdir, objective, pipeline, evaluate=_saving(evaluate, workdir))
     path = os.path.join(workdir, "results.json")
     return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def _digits_evaluation(config, objective):
+    """FD-digits and classifier accuracy of class-conditional samples, keyed e.g. 'ddim50'."""
+    from lcm_jax.eval import digits_metrics, sampling
+
+    def evaluate(params):
+        evaluator = digits_metrics.DigitsEvaluator(config.data.image_size, config.data.get("channels", 1))
+        return {f"{config.eval.sampler}{config.eval.num_steps}": sampling.evaluate_digits(
+            objective, params, config.eval, evaluator, seed=config.seed)}
+
+    return evaluate
 
 
 def _saving(evaluate, workdir):

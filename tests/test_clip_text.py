@@ -4,10 +4,10 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import write_tiny_tokenizer  # noqa: E402
 from lcm_jax.models import clip_text, convert
 
 torch = pytest.importorskip("torch")
@@ -203,12 +203,7 @@ def test_errors(case, tmp_path):
 def tokenizer_folder(tmp_path_factory):
     """A tiny byte-level BPE vocabulary: letters, word-final letters, two merged words."""
     folder = tmp_path_factory.mktemp("tokenizer")
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    merges = ["c a", "ca t</w>", "d o", "do g</w>"]
-    tokens = list(letters) + [c + "</w>" for c in letters] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_tiny_tokenizer(str(folder))
     return str(folder)
 
 

@@ -1,8 +1,6 @@
 """Text -> image end to end against diffusers' pipelines on a tiny random SD pipeline on disk:
 StableDiffusionPipeline + DDIMScheduler (classifier-free guidance with a negative prompt) and
 LatentConsistencyModelPipeline + LCMScheduler (w-embedding, fresh noise each step)."""
-import json
-
 import numpy as np
 import pytest
 
@@ -14,21 +12,15 @@ import jax  # noqa: E402
 
 from lcm_jax import pipeline  # noqa: E402
 from lcm_jax.diffusion import samplers  # noqa: E402
+from conftest import write_tiny_tokenizer  # noqa: E402
 from test_unet import BASE  # noqa: E402
 
 PROMPT, NEGATIVE = "a cat", "a dog"
 
 
 def tiny_tokenizer(folder):
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    merges = ["c a", "ca t</w>", "d o", "do g</w>"]
-    tokens = list(letters) + [c + "</w>" for c in letters] + [m.replace(" ", "") for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 12}))
-    return transformers.CLIPTokenizer.from_pretrained(str(folder)), len(tokens)
+    vocab = write_tiny_tokenizer(str(folder), model_max_length=12)
+    return transformers.CLIPTokenizer.from_pretrained(str(folder)), vocab
 
 
 def randomize(model):

@@ -56,21 +56,17 @@ def path_to_torch_key(path: tuple[str, ...], leaf_name: str) -> str:
 # Leaves
 # ----------------------------------------------------------------------------------------------
 
+# kernel axis orders: torch -> Flax (Conv OIHW -> HWIO, Linear [out, in] -> [in, out]).
+_TO_FLAX = {4: (2, 3, 1, 0), 2: (1, 0)}
+
+
 def _to_flax_leaf(leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf == "kernel":
-        if value.ndim == 4:
-            return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        if value.ndim == 2:
-            return value.T
-    return value
+    return value.transpose(_TO_FLAX[value.ndim]) if leaf == "kernel" and value.ndim in _TO_FLAX else value
 
 
 def _to_torch_leaf(leaf: str, value: np.ndarray) -> np.ndarray:
-    if leaf == "kernel":
-        if value.ndim == 4:
-            return value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-        if value.ndim == 2:
-            return value.T
+    if leaf == "kernel" and value.ndim in _TO_FLAX:
+        return value.transpose(np.argsort(_TO_FLAX[value.ndim]))  # the inverse permutation
     return value
 
 

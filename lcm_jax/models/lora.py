@@ -67,7 +67,7 @@ def delta(a, b):
     """B A in the base kernel's layout."""
     if a.ndim == 2:
         return a @ b
-    return jnp.einsum("hwir,r o->hwio".replace(" ", ""), a, b[0, 0])
+    return jnp.einsum("hwir,ro->hwio", a, b[0, 0])
 
 
 def merge(base: Mapping, lora: Mapping, alpha: float, scale: float = 1.0) -> dict:
