@@ -6,6 +6,12 @@ Suites:
   unet_memory  compiled memory of ONE UNet forward (batch 1, fp32 and bf16 compute) for the
                real SD 1.5 @ 512^2, SD 2.1 @ 768^2 and SDXL @ 1024^2 configs, from XLA's memory
                analysis of the compiled program on abstract inputs: no weights, nothing runs.
+  lcd_step     images/s of lcm_jax's fused LCD step vs the same step in PyTorch, written in the
+               reference LCD script's order (student forward, teacher cond then uncond, DDIM,
+               target forward, pseudo-Huber, backward, clip, AdamW, EMA; diffusers'
+               UNet2DConditionModel), same tiny UNet config, same batch, same CPU, one run.
+  lcd_memory   XLA's compiled peak memory of the full LCD step vs the LCM-LoRA step (one base
+               UNet) for SD 1.5 at 512^2 (abstract weights: nothing runs).
 """
 import argparse
 import json
@@ -24,10 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNET_CASES = (("sd15", 512), ("sd21", 768), ("sdxl", 1024))
 
 
-def compiled_memory(fn, *args) -> dict:
+def compiled_memory(fn, *args, donate_argnums=()) -> dict:
     """XLA's own accounting of a compiled program (bytes -> GiB)."""
     start = time.time()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
     m = compiled.memory_analysis()
     gib = lambda b: round(b / 2 ** 30, 3)
     return {"arguments_gib": gib(m.argument_size_in_bytes), "outputs_gib": gib(m.output_size_in_bytes),
@@ -54,7 +60,208 @@ def unet_memory(dtypes=("float32", "bfloat16")) -> dict:
     return results
 
 
-SUITES = {"unet_memory": unet_memory}
+# ==============================================================================================
+# LCD: one fused step (ours) vs the reference script's step (PyTorch)
+# ==============================================================================================
+
+# A small SD-shaped UNet (cross-attention down/up blocks) on 16x16 latents: big enough that the
+# UNet, not the Python around it, dominates both sides.
+LCD_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+LCD_BATCH, LCD_CONTEXT, W_DIM, W_RANGE, HUBER_C, EMA, LR = 8, 16, 256, (5.0, 15.0), 0.001, 0.95, 1e-5
+
+
+class CachedTextConditioning:
+    """Conditioning from precomputed prompt embeddings (both sides skip the text encoder)."""
+    frozen = {}
+
+    def prepare_batch(self, batch):
+        return batch
+
+    def encode(self, batch, frozen):
+        h = batch["prompt_embeds"]
+        return ({"encoder_hidden_states": h},
+                {"encoder_hidden_states": jnp.broadcast_to(batch["uncond_embeds"][:1], h.shape)})
+
+    def sample_conditions(self, frozen, num):
+        raise NotImplementedError
+
+
+def lcd_objective(unet_config: dict, image_side: int, params=None, lora_rank: int = 0,
+                  remat: bool = False):
+    """LCDObjective on a UNet teacher with cached text embeddings; params=None: abstract weights."""
+    import ml_collections
+
+    from lcm_jax import models
+    from lcm_jax.diffusion import schedule as sched
+    from lcm_jax.objectives.lcd import LCDObjective, Teacher
+
+    teacher_module = unet.from_config(unet_config, remat=remat)
+    student_module = unet.from_config(dict(unet_config, time_cond_proj_dim=W_DIM), remat=remat)
+    if params is None:
+        params = unet.abstract_params(teacher_module)
+    side = image_side // 8
+    teacher = Teacher(models.Denoiser(teacher_module), params,
+                      sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012), "epsilon",
+                      CachedTextConditioning(), (side, side, 4), student_net=models.Denoiser(student_module))
+    config = ml_collections.ConfigDict(dict(
+        total_steps=10 ** 6, ema_decay=EMA,
+        optimizer=dict(lr=LR, warmup_steps=0, decay="constant", grad_clip=1.0, weight_decay=0.0,
+                       b1=0.9, b2=0.999, eps=1e-8),
+        lcd=dict(num_ddim_timesteps=50, solver="ddim", w_min=W_RANGE[0], w_max=W_RANGE[1],
+                 w_embedding_dim=W_DIM, loss="huber", huber_c=HUBER_C,
+                 target="online" if lora_rank else "ema",
+                 lora=dict(rank=lora_rank, alpha=float(lora_rank)) if lora_rank else None)))
+    return LCDObjective(config, teacher)
+
+
+def lcd_batch(b: int, side: int, context: int, dim: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return {"latents": rng.standard_normal((b, side, side, 4)).astype("float32"),
+            "prompt_embeds": rng.standard_normal((b, context, dim)).astype("float32"),
+            "uncond_embeds": rng.standard_normal((b, context, dim)).astype("float32")}
+
+
+def _time(step, n: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return time.perf_counter() - start
+
+
+def jax_lcd_step(batch: dict, steps: int) -> float:
+    module = unet.from_config(LCD_UNET)
+    x, t, kw = unet._example_inputs(module.config, 1, LCD_UNET["sample_size"], LCD_CONTEXT)
+    params = module.init(jax.random.PRNGKey(0), x, t, **kw)["params"]
+    objective = lcd_objective(LCD_UNET, LCD_UNET["sample_size"] * 8, params)
+    frozen = {"teacher": params}
+    state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
+    step_fn = jax.jit(objective.train_step, donate_argnums=0)
+    device_batch = jax.device_put(batch)
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = step_fn(holder["state"], device_batch, frozen)
+        jax.block_until_ready(metrics["loss"])
+
+    return _time(step, steps)
+
+
+def torch_lcd_step(batch: dict, steps: int) -> float:
+    """The reference LCD script's step (diffusers examples/consistency_distillation), verbatim in
+    structure: 4 UNet forwards (student, teacher cond, teacher uncond, target) + 1 backward."""
+    import copy
+
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    teacher = diffusers.UNet2DConditionModel(**LCD_UNET).eval().requires_grad_(False)
+    student = diffusers.UNet2DConditionModel(**LCD_UNET, time_cond_proj_dim=W_DIM)
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    student.train()
+    target = copy.deepcopy(student).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    abar = sched.alphas_cumprod
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    k = 20
+    ddim_ts = torch.arange(1, 51) * k - 1
+    latents = torch.from_numpy(batch["latents"]).permute(0, 3, 1, 2).contiguous()
+    embeds = torch.from_numpy(batch["prompt_embeds"])
+    uncond = torch.from_numpy(batch["uncond_embeds"])[:1].expand_as(embeds)
+    b = latents.shape[0]
+    col = lambda a: a[:, None, None, None]
+
+    def scalings(t):
+        st = t.float() * 10.0
+        return 0.25 / (st ** 2 + 0.25), st / (st ** 2 + 0.25) ** 0.5
+
+    def w_embedding(w):
+        w = w * 1000.0
+        half = W_DIM // 2
+        freqs = torch.exp(torch.arange(half) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+        args = w[:, None] * freqs[None]
+        return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+    def step():
+        index = torch.randint(0, 50, (b,))
+        start = ddim_ts[index]
+        t = torch.clamp(start - k, min=0)
+        cs_start, co_start = scalings(start)
+        cs, co = scalings(t)
+        noise = torch.randn_like(latents)
+        noisy = col(alpha[start]) * latents + col(sigma[start]) * noise
+        w = (W_RANGE[1] - W_RANGE[0]) * torch.rand(b) + W_RANGE[0]
+        w_emb = w_embedding(w)
+        out = student(noisy, start, timestep_cond=w_emb, encoder_hidden_states=embeds).sample
+        x0 = (noisy - col(sigma[start]) * out) / col(alpha[start])
+        model_pred = col(cs_start) * noisy + col(co_start) * x0
+        with torch.no_grad():
+            eps_c = teacher(noisy, start, encoder_hidden_states=embeds).sample
+            eps_u = teacher(noisy, start, encoder_hidden_states=uncond).sample
+            x0_c = (noisy - col(sigma[start]) * eps_c) / col(alpha[start])
+            x0_u = (noisy - col(sigma[start]) * eps_u) / col(alpha[start])
+            x0_w = x0_c + col(w) * (x0_c - x0_u)
+            eps_w = eps_c + col(w) * (eps_c - eps_u)
+            x_prev = col(alpha[t]) * x0_w + col(sigma[t]) * eps_w
+            out_t = target(x_prev, t, timestep_cond=w_emb, encoder_hidden_states=embeds).sample
+            x0_t = (x_prev - col(sigma[t]) * out_t) / col(alpha[t])
+            target_pred = col(cs) * x_prev + col(co) * x0_t
+        loss = torch.mean(torch.sqrt((model_pred - target_pred) ** 2 + HUBER_C ** 2) - HUBER_C)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p_t, p in zip(target.parameters(), student.parameters()):
+                p_t.mul_(EMA).add_(p, alpha=1 - EMA)
+
+    return _time(step, steps)
+
+
+def lcd_step(steps: int = 20) -> dict:
+    import torch
+
+    batch = lcd_batch(LCD_BATCH, LCD_UNET["sample_size"], LCD_CONTEXT, LCD_UNET["cross_attention_dim"])
+    jax_s = jax_lcd_step(batch, steps)
+    torch_s = torch_lcd_step(batch, steps)
+    images = LCD_BATCH * steps
+    result = {"jax_img_per_s": round(images / jax_s, 2), "torch_img_per_s": round(images / torch_s, 2),
+              "ratio": round(torch_s / jax_s, 3), "batch": LCD_BATCH, "steps": steps,
+              "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in LCD_UNET.items()},
+              "torch_threads": torch.get_num_threads(),
+              "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    print(result, flush=True)
+    return result
+
+
+def lcd_memory(batch: int = 1) -> dict:
+    """Peak compiled memory of the SD 1.5 LCD step at 512^2: full vs LCM-LoRA (r = 64)."""
+    config = json.load(open(os.path.join(ROOT, "configs/models", "sd15_unet.json")))
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    results = {}
+    for name, rank in (("full", 0), ("lora_r64", 64)):
+        objective = lcd_objective(config, 512, lora_rank=rank, remat=True)
+        frozen = jax.tree.map(spec, {"teacher": objective.teacher.params})
+        state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
+        b = jax.tree.map(spec, lcd_batch(batch, 64, 77, 768))
+        step = lambda s, bt, f: objective.train_step(s, bt, f)
+        results[name] = compiled_memory(step, state, b, frozen, donate_argnums=0)
+        results[name]["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
+        print(name, results[name], flush=True)
+    results["batch"] = batch
+    results["lora_over_full_peak"] = round(results["lora_r64"]["peak_gib"] / results["full"]["peak_gib"], 3)
+    return results
+
+
+SUITES = {"unet_memory": unet_memory, "lcd_step": lcd_step, "lcd_memory": lcd_memory}
 
 
 def main():

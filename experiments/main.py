@@ -39,30 +39,67 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     import jax
 
-    from lcm_jax import data, models, objectives, train
+    from lcm_jax import data, train
 
     pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size,
                                   seed=config.seed, process_index=jax.process_index(),
                                   process_count=jax.process_count())
-    image_shape = train.peek(pipeline)["image"].shape[1:]
-    model = models.make_model(config.model, image_shape[-1])
-    objective = objectives.make_objective(config, model, image_shape)
-
     os.makedirs(workdir, exist_ok=True)
-    evaluate = _digits_evaluation(config, objective) if config.data.name == "digits" else None
+    objective = build_objective(config, workdir, pipeline)
+    evaluate = None
+    if config.data.name == "digits":
+        evaluate = (_few_step_table if config.objective == "lcd" else _digits_evaluation)(
+            config, objective, workdir)
     train.run(config, workdir, objective, pipeline, evaluate=_saving(evaluate, workdir))
     path = os.path.join(workdir, "results.json")
     return json.load(open(path)) if os.path.exists(path) else {}
 
 
-def _digits_evaluation(config, objective):
-    """FD-digits and classifier accuracy of class-conditional samples, keyed e.g. 'ddim50'."""
-    from lcm_jax.eval import digits_metrics, sampling
+def build_objective(config, workdir: str, pipeline):
+    from lcm_jax import models, objectives, train
 
-    def evaluate(params):
-        evaluator = digits_metrics.DigitsEvaluator(config.data.image_size, config.data.get("channels", 1))
-        return {f"{config.eval.sampler}{config.eval.num_steps}": sampling.evaluate_digits(
-            objective, params, config.eval, evaluator, seed=config.seed)}
+    if config.objective == "lcd":
+        from lcm_jax import teachers
+        from lcm_jax.objectives.lcd import LCDObjective
+
+        if config.model.get("pretrained"):
+            teacher = teachers.from_pretrained(config)
+        else:  # the embedded default: train the VAE and the latent teacher first (cached)
+            teacher = teachers.train_chained(config, workdir, pipeline.arrays["image"],
+                                             pipeline.arrays["label"])
+        return LCDObjective(config, teacher)
+    image_shape = train.peek(pipeline)["image"].shape[1:]
+    model = models.make_model(config.model, image_shape[-1])
+    return objectives.make_objective(config, model, image_shape)
+
+
+def _evaluator(config):
+    from lcm_jax.eval import digits_metrics
+
+    return digits_metrics.DigitsEvaluator(config.data.image_size, config.data.get("channels", 1))
+
+
+def _digits_evaluation(config, objective, workdir):
+    """FD-digits and classifier accuracy of class-conditional samples, keyed e.g. 'ddim50'."""
+    from lcm_jax.eval import sampling
+
+    def evaluate(params, frozen):
+        metrics, _ = sampling.evaluate_digits(objective.sample_fn, params, frozen, config.eval,
+                                              _evaluator(config), seed=config.seed)
+        return {f"{config.eval.sampler}{config.eval.num_steps}": metrics}
+
+    return evaluate
+
+
+def _few_step_table(config, objective, workdir):
+    """LCM vs DDIM / DPM-Solver / DPM-Solver++ at few steps (the LCM paper's Table 1)."""
+    from lcm_jax.eval import few_step
+
+    def evaluate(params, frozen):
+        table = few_step.few_step_table(objective, params, frozen, config.eval, _evaluator(config),
+                                        seed=config.seed, grid_dir=os.path.join(workdir, "grids"))
+        print(few_step.format_table(table), flush=True)
+        return table
 
     return evaluate
 
@@ -71,8 +108,8 @@ def _saving(evaluate, workdir):
     if evaluate is None:
         return None
 
-    def wrapped(params):
-        results = evaluate(params)
+    def wrapped(params, frozen):
+        results = evaluate(params, frozen)
         with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
             json.dump(results, f, indent=2)
         os.replace(os.path.join(workdir, "results.json.tmp"), os.path.join(workdir, "results.json"))

@@ -25,6 +25,7 @@ from lcm_jax.models import MODELS
 OBJECTIVES = ("diffusion", "lcd", "lcf", "tcd", "smooth")
 PARALLEL_MODES = ("jit", "pmap")
 LCD_LOSSES = ("l2", "huber")
+LCD_TARGETS = ("ema", "online")  # objectives.lcd.TARGETS
 WANDB_MODES = ("online", "offline", "disabled")
 FEW_STEP_SAMPLERS = ("lcm", "tcd")  # their steps come from the distillation grid
 VAE_FACTOR = 8  # Stable Diffusion's AutoencoderKL: 3 downsamplings
@@ -295,6 +296,13 @@ def _consistency_distillation(config):
     yield from _choice(config, "lcd.solver", solvers.SOLVERS, "solver")
     yield from _choice(config, "lcd.loss", LCD_LOSSES, "loss")
     yield from _positive(config, "lcd.huber_c")
+    yield from _choice(config, "lcd.target", LCD_TARGETS, "target network")
+    if _get(config, "lcd.lora", None):
+        yield from _at_least(config, "lcd.lora.rank", 1, fix="e.g. 64 (LCM-LoRA)")
+        yield from _positive(config, "lcd.lora.alpha", allow_none=True)
+    if _get(config, "model.name") == "unet" and not _get(config, "model.pretrained", None):
+        yield ("config.model.pretrained is not set; Stable Diffusion distillation needs the "
+               "teacher's local diffusers folder: --config configs/sd15_lcd.py:/path/to/folder.")
 
 
 def _samplers(config):

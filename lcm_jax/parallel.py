@@ -84,6 +84,14 @@ def to_host(tree):
     return jax.tree.map(one, tree)
 
 
+def put(tree, shardings):
+    """Host arrays (the same on every process) -> global arrays laid out by `shardings`; each
+    process fills only its own shards, so this also works across hosts."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 

@@ -5,8 +5,15 @@ state, shardings from parallel.py, compiled ahead of time so errors and memory a
 the first batch), orbax checkpoints (periodic, on SIGTERM, resumed from `workdir` by itself,
 falling back past a corrupt newest one), metric writers (clu, metrics.jsonl, W&B), fixed-seed
 sample grids, a progress bar, and a NaN guard. It never branches on which objective runs: an
-objective gives `init_state(rng)`, `train_step(state, batch, axis_name=None)` and
-`sample_fn(params, rng, num_images, sample_config)`.
+objective gives
+  frozen                                          the networks it uses but does not train (a
+                                                  teacher, a VAE, a LoRA base): a pytree, {} if none
+  init_state(rng, frozen) -> TrainState
+  train_step(state, batch, frozen, axis_name=None) -> (state, metrics)
+  sample_fn(params, frozen, rng, num_images, sample_config) -> (images in [-1, 1], labels)
+  prepare_batch(batch) -> batch                   optional, on the host (e.g. tokenize captions)
+The frozen networks enter the compiled step as an input (never baked in as constants), laid out
+like the params; they are not checkpointed: the objective reloads them from their source.
 """
 from __future__ import annotations
 
@@ -197,30 +204,43 @@ class Program:
     def __init__(self, config, objective, example_batch: dict, devices=None):
         self.mode = config.parallel.get("mode", "jit")
         self.objective = objective
-        init = objective.init_state
-        self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+        self.prepare_batch = getattr(objective, "prepare_batch", lambda batch: batch)
+        example_batch = self.prepare_batch(example_batch)
+        init, frozen = objective.init_state, objective.frozen
+        abstract_frozen = jax.eval_shape(lambda: frozen)
+        self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0), abstract_frozen)
         if self.mode == "pmap":
-            self.step_fn = jax.pmap(lambda s, b: objective.train_step(s, b, parallel.PMAP_AXIS),
-                                    axis_name=parallel.PMAP_AXIS, donate_argnums=0)
-            self.init_fn = lambda rng: parallel.replicate(jax.jit(init)(rng))
+            self.frozen = parallel.replicate(frozen)
+            self.sample_frozen = jax.device_put(frozen)  # one copy for sample grids
+            step = jax.pmap(lambda s, b, f: objective.train_step(s, b, f, parallel.PMAP_AXIS),
+                            axis_name=parallel.PMAP_AXIS, donate_argnums=0)
+            self.step_fn = lambda state, batch: step(state, batch, self.frozen)
+            self.init_fn = lambda rng: parallel.replicate(jax.jit(init)(rng, self.sample_frozen))
             return
         self.mesh = parallel.make_mesh(config.parallel, devices)
-        self.state_sharding = parallel.state_shardings(
-            self.mesh, self.abstract_state, config.parallel.get("fsdp_min_size", 2 ** 16))
+        fsdp_min_size = config.parallel.get("fsdp_min_size", 2 ** 16)
+        self.state_sharding = parallel.state_shardings(self.mesh, self.abstract_state, fsdp_min_size)
+        frozen_sharding = parallel.state_shardings(self.mesh, abstract_frozen, fsdp_min_size)
+        self.frozen = self.sample_frozen = parallel.put(frozen, frozen_sharding)
         self.batch_sharding = parallel.batch_sharding(self.mesh)
-        self.init_fn = jax.jit(init, out_shardings=self.state_sharding)
+        init_fn = jax.jit(init, out_shardings=self.state_sharding)
+        self.init_fn = lambda rng: init_fn(rng, self.frozen)
         batch_shape = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype,
                                                sharding=self.batch_sharding)
                        for k, v in example_batch.items() if v.dtype.kind not in "USO"}
-        state_shape = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   self.abstract_state, self.state_sharding)
+        shaped = lambda tree, shardings: jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+        state_shape = shaped(self.abstract_state, self.state_sharding)
         # Ahead of time: shape and sharding errors surface here, before any data is read.
-        self.step_fn = jax.jit(objective.train_step, donate_argnums=0,
-                               out_shardings=(self.state_sharding, parallel.replicated(self.mesh))
-                               ).lower(state_shape, batch_shape).compile()
+        step = jax.jit(objective.train_step, donate_argnums=0,
+                       out_shardings=(self.state_sharding, parallel.replicated(self.mesh))
+                       ).lower(state_shape, batch_shape, shaped(abstract_frozen, frozen_sharding)
+                               ).compile()
+        self.step_fn = lambda state, batch: step(state, batch, self.frozen)
         self.restore_target = state_shape
 
     def device_batch(self, local_batch: dict):
+        local_batch = self.prepare_batch(local_batch)
         if self.mode == "pmap":
             return parallel.pmap_batch(local_batch)
         return parallel.global_batch(local_batch, self.batch_sharding)
@@ -247,7 +267,7 @@ class Program:
 def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None = None,
         on_step: Callable[[int], None] | None = None):
     """Train to config.total_steps (resuming from `workdir` if it holds checkpoints); returns
-    the final TrainState. `evaluate(params) -> dict` runs at the end; `on_step(step)` is called
+    the final TrainState. `evaluate(params, frozen) -> dict` runs at the end; `on_step(step)` is called
     after every step (tests use it to inject failures)."""
     os.makedirs(workdir, exist_ok=True)
     example = peek(pipeline)
@@ -268,8 +288,8 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
     writers = Writers(config, workdir)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
-    sample = jax.jit(lambda p, rng: objective.sample_fn(p, rng, config.sample.num_images,
-                                                        config.sample)[0])
+    sample = jax.jit(lambda p, frozen, rng: objective.sample_fn(
+        p, frozen, rng, config.sample.num_images, config.sample)[0])
     total = config.total_steps
     bar = _progress(total, start)
     metrics, last_saved, t0 = None, start, time.time()
@@ -295,7 +315,8 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
                 last_saved = step
             if step % config.sample.every_steps == 0 or is_last:
                 ema = program.host_state(state).ema_params
-                images = sample(ema, jax.random.PRNGKey(config.seed + 1))  # fixed seed: comparable
+                images = sample(ema, program.sample_frozen,
+                                jax.random.PRNGKey(config.seed + 1))  # fixed seed: comparable
                 writers.images(step, "samples", image_grid(parallel.to_host(images)),
                                os.path.join(workdir, f"samples_{step:07d}.png"))
             if stop["signal"]:
@@ -304,7 +325,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
         bar.close()
         final = program.host_state(state)
         if evaluate is not None:
-            results = evaluate(final.ema_params)
+            results = evaluate(final.ema_params, program.sample_frozen)
             writers.scalars(total, {f"eval/{k}": v for k, v in _flatten(results).items()})
         return final
     finally:

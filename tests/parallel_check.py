@@ -1,5 +1,6 @@
 """Two tiny train steps on 8 simulated CPU devices in every parallel layout; prints JSON.
 
+  python tests/parallel_check.py [diffusion|lcd]
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_parallel.py does).
 """
 import json
@@ -17,10 +18,25 @@ LAYOUTS = {"one_device": ("jit", 1, 1), "data8": ("jit", 8, 1), "data2_fsdp4": (
            "fsdp8": ("jit", 1, 8), "pmap8": ("pmap", 8, 1)}
 
 
-def two_steps(mode, data, fsdp):
-    config = tiny_run.tiny_config()
+def build(objective_name, mode, data, fsdp):
+    if objective_name == "diffusion":
+        config = tiny_run.tiny_config()
+        config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
+        return config, *tiny_run.build(config)
+    import test_lcd  # the tiny LCD teacher: random DiT + random VAE, 8x8 digits
+
+    from lcm_jax import data as data_lib
+    from lcm_jax.objectives.lcd import LCDObjective
+
+    config = test_lcd.tiny_config()
+    config.data.image_size = 8
     config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
-    objective, pipeline = tiny_run.build(config)
+    pipeline = data_lib.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
+    return config, LCDObjective(config, test_lcd.tiny_teacher(config)), pipeline
+
+
+def two_steps(objective_name, mode, data, fsdp):
+    config, objective, pipeline = build(objective_name, mode, data, fsdp)
     batches = [pipeline.batch_at(i) for i in range(2)]
     devices = jax.devices()[:data * fsdp]
     program = train.Program(config, objective, batches[0], devices=devices)
@@ -38,10 +54,13 @@ def two_steps(mode, data, fsdp):
 
 def main():
     assert jax.device_count() == 8, "set XLA_FLAGS=--xla_force_host_platform_device_count=8"
-    ref_losses, ref_params, _ = two_steps(*LAYOUTS["one_device"])
+    objective = sys.argv[1] if len(sys.argv) > 1 else "diffusion"
+    ref_losses, ref_params, _ = two_steps(objective, *LAYOUTS["one_device"])
     report = {}
     for name, layout in LAYOUTS.items():
-        losses, params, sharded = two_steps(*layout)
+        if name == "one_device":
+            continue
+        losses, params, sharded = two_steps(objective, *layout)
         report[name] = {
             "losses": losses,
             "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),

@@ -11,14 +11,19 @@ from lcm_jax import parallel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def report():
+def check(objective: str) -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests/parallel_check.py")], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests/parallel_check.py"), objective],
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module", params=["diffusion", "lcd"])
+def report(request):
+    """Two steps of plain diffusion, and of LCD (frozen teacher + VAE sharded like the params)."""
+    return check(request.param)
 
 
 @pytest.mark.parametrize("layout", ["data8", "data2_fsdp4", "fsdp8", "pmap8"])

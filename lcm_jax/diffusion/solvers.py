@@ -89,4 +89,6 @@ def psi(solver: str, x_t, t, s, x0, eps, denoise_fn: Callable | None, schedule: 
     x0_m, eps_m = denoise_fn(x_m, m)
     lam_t, lam_m, lam_s = (half_log_snr(*ab) for ab in (start, mid, end))
     d1 = second_order_difference(d0, model_term(x0_m, eps_m, algorithm), lam_t, lam_m, lam_s - lam_t)
+    # t = s (k = 1 at t = 0) is a zero step: the difference quotient is 0 / 0 there.
+    d1 = jnp.where(sched.broadcast(jnp.asarray(t) != jnp.asarray(s), d1), d1, 0.0)
     return dpm_update(x_t, start, end, d0, d1, algorithm=algorithm)

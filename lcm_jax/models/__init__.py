@@ -1,8 +1,10 @@
 """Models registry: config.model -> a Denoiser, the one calling convention objectives use.
 
-Objectives call `denoiser.apply(params, x, t, labels)` and `denoiser.init(rng, x, t, labels)`
-whatever the backbone; the Denoiser maps labels to the module's own argument (DiT `labels`,
-UNet `class_labels`). Labels use the null class `num_classes` for classifier-free guidance.
+Objectives call `denoiser.apply(params, x, t, cond, w_emb=None)` whatever the backbone. `cond` is
+either class labels [B] (mapped to the module's own argument: DiT `labels`, UNet `class_labels`;
+the null class `num_classes` is the unconditional one) or a dict of the module's keyword inputs
+(Stable Diffusion: `encoder_hidden_states`, and `added_cond` for SDXL). `w_emb` is the guidance-scale
+embedding a consistency student takes through `time_cond_proj` (None for teachers).
 """
 from __future__ import annotations
 
@@ -15,28 +17,36 @@ MODELS = ("dit", "unet")
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
     module: Any
-    label_arg: str
+    label_arg: str = "class_labels"
 
-    def init(self, rng, x, t, labels):
-        return self.module.init(rng, x, t, **{self.label_arg: labels})["params"]
+    def _inputs(self, cond, w_emb) -> dict:
+        kwargs = dict(cond) if isinstance(cond, dict) else {self.label_arg: cond}
+        if w_emb is not None:
+            kwargs["timestep_cond"] = w_emb
+        return kwargs
 
-    def apply(self, params, x, t, labels):
-        return self.module.apply({"params": params}, x, t, **{self.label_arg: labels})
+    def init(self, rng, x, t, cond, w_emb=None):
+        return self.module.init(rng, x, t, **self._inputs(cond, w_emb))["params"]
+
+    def apply(self, params, x, t, cond, w_emb=None):
+        return self.module.apply({"params": params}, x, t, **self._inputs(cond, w_emb))
 
 
-def make_model(model_config, in_channels: int) -> Denoiser:
+def make_model(model_config, in_channels: int, time_cond_proj_dim: int | None = None) -> Denoiser:
+    """The backbone named by config.model; `time_cond_proj_dim` gives it the w-embedding input."""
     name = model_config.name
     if name == "dit":
         from lcm_jax.models import dit
 
-        return Denoiser(dit.from_config(model_config, in_channels), "labels")
+        return Denoiser(dit.from_config(model_config, in_channels, time_cond_proj_dim), "labels")
     if name == "unet":
         import jax.numpy as jnp
 
         from lcm_jax.models import unet
 
         unet_config = dict(model_config.unet, in_channels=in_channels, out_channels=in_channels,
-                           num_class_embeds=model_config.num_classes + 1)  # + the null class
+                           num_class_embeds=model_config.num_classes + 1,  # + the null class
+                           time_cond_proj_dim=time_cond_proj_dim)
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.get("dtype", "float32")]
         return Denoiser(unet.from_config(unet_config, dtype=dtype,
                                          remat=model_config.get("remat", False)), "class_labels")

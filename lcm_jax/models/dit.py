@@ -137,13 +137,14 @@ class DiT(nn.Module):
     out_channels: int | None = None
     dtype: Any = jnp.float32
     remat: bool = False
+    time_cond_proj_dim: int | None = None  # the w-embedding input of consistency students
 
     @property
     def null_class(self) -> int:
         return self.num_classes
 
     @nn.compact
-    def __call__(self, x, t, labels=None):
+    def __call__(self, x, t, labels=None, timestep_cond=None):
         b, height, width_px, channels = x.shape
         p = self.patch_size
         if height % p or width_px % p:
@@ -158,8 +159,14 @@ class DiT(nn.Module):
         x = x.reshape(b, h * w, self.width) + pos_embed(h, w, self.width, x.dtype)
 
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        c = TimestepEmbedding(self.width, dtype=self.dtype, name="t_embedder")(
-            timestep_embedding(t, FREQ_DIM))
+        t_freq = timestep_embedding(t, FREQ_DIM)
+        if (timestep_cond is None) != (self.time_cond_proj_dim is None):
+            raise ValueError("timestep_cond (the w-embedding) must be given exactly when the DiT "
+                             "has time_cond_proj_dim.")
+        if timestep_cond is not None:  # as the SD UNet's cond_proj: added before the timestep MLP
+            t_freq = t_freq + nn.Dense(FREQ_DIM, use_bias=False, dtype=self.dtype,
+                                       kernel_init=zeros, name="cond_proj")(timestep_cond)
+        c = TimestepEmbedding(self.width, dtype=self.dtype, name="t_embedder")(t_freq)
         if self.num_classes:
             if labels is None:
                 labels = jnp.full((b,), self.null_class, jnp.int32)
@@ -181,10 +188,11 @@ class DiT(nn.Module):
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def from_config(model_config, in_channels: int) -> DiT:
+def from_config(model_config, in_channels: int, time_cond_proj_dim: int | None = None) -> DiT:
     """DiT from a `config.model` ConfigDict (fields as in configs/digits_diffusion.py).
 
-    The output has in_channels channels (an eps / v / x0 prediction of the input).
+    The output has in_channels channels (an eps / v / x0 prediction of the input);
+    `time_cond_proj_dim` adds the w-embedding input of a consistency student.
     """
     m = model_config
     if m.name != "dit":
@@ -201,4 +209,5 @@ def from_config(model_config, in_channels: int) -> DiT:
         raise ValueError(f"config.model.dtype={dtype!r}; use 'float32' or 'bfloat16'.")
     return DiT(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                mlp_ratio=m.get("mlp_ratio", 4.0), num_classes=m.get("num_classes", 0),
-               out_channels=in_channels, dtype=_DTYPES[dtype], remat=m.get("remat", False))
+               out_channels=in_channels, dtype=_DTYPES[dtype], remat=m.get("remat", False),
+               time_cond_proj_dim=time_cond_proj_dim)

@@ -235,11 +235,15 @@ class AutoencoderKL(nn.Module):
                     c.scaling_factor / jnp.asarray(c.latents_std, jnp.float32))
         return c.shift_factor or 0.0, c.scaling_factor
 
-    def encode_to_latents(self, params, x, rng=None):
-        """Images -> the diffusion model's latents: a posterior sample (its mean when rng is None),
+    def encode_to_latents(self, params, x, rng=None, noise=None):
+        """Images -> the diffusion model's latents: a posterior sample (drawn with `rng`, or
+        mean + std * `noise` for caller-drawn standard normals; the mean when neither is given),
         shifted and scaled."""
         mean, logvar = _encode(self, params, x)
-        z = mean if rng is None else self.sample(mean, logvar, rng)
+        if noise is not None:
+            z = mean + jnp.exp(0.5 * logvar) * noise
+        else:
+            z = mean if rng is None else self.sample(mean, logvar, rng)
         shift, scale = self._latent_stats()
         return (z - shift) * scale
 

@@ -39,16 +39,17 @@ class DiffusionObjective:
         self.schedule = schedule_from_config(config.diffusion)
         self.null_class = config.model.num_classes
         self.tx = common.make_optimizer(config.optimizer, config.total_steps)
+        self.frozen = {}  # nothing frozen: trained from scratch
 
-    # -- the three things the loop needs ---------------------------------------------------
-    def init_state(self, rng) -> TrainState:
+    # -- what the loop needs ----------------------------------------------------------------
+    def init_state(self, rng, frozen=None) -> TrainState:
         init_rng, rng = jax.random.split(rng)
         x = jnp.zeros((1,) + self.image_shape)
         params = self.model.init(init_rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=self.tx.init(params), rng=rng)
 
-    def train_step(self, state: TrainState, batch, axis_name: str | None = None):
+    def train_step(self, state: TrainState, batch, frozen=None, axis_name: str | None = None):
         step_rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         (loss, metrics), grads = grad_fn(state.params, batch, step_rng, axis_name)
@@ -60,7 +61,7 @@ class DiffusionObjective:
         return state.replace(step=state.step + 1, params=params, ema_params=ema,
                              opt_state=opt_state), metrics
 
-    def sample_fn(self, params, rng, num_images: int, sample_config):
+    def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
         """Class-conditional samples cycling through the classes: (images in [-1, 1], labels)."""
         labels = jnp.arange(num_images, dtype=jnp.int32) % self.null_class
         return self.sample(params, rng, labels, sample_config), labels

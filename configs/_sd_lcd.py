@@ -1,0 +1,57 @@
+"""Shared builder of the Stable Diffusion LCD configs (sd15_lcd.py, sd21_*_lcd.py, *_lcm_lora.py).
+
+The teacher is a local diffusers pipeline folder, given as the config argument:
+  --config configs/sd15_lcd.py:/path/to/stable-diffusion-v1-5
+Nothing is downloaded: validation fails before anything compiles if the folder is missing.
+Data: captioned images, webdataset shards (LAION subsets) by default:
+  --config.data.path='/data/laion/{00000..00099}.tar'   (or data.name='folder', data.path=DIR)
+"""
+import ml_collections
+
+from lcm_jax.models.lora import LCM_LORA_TARGETS
+
+PROMPTS = ("a photo of an astronaut riding a horse on mars",
+           "a close-up portrait of an old fisherman, 35mm photograph",
+           "a watercolor painting of a lighthouse at dawn",
+           "a red sports car parked in front of a modern house")
+
+
+def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_rank: int = 0,
+               w_min: float = 5.0, w_max: float = 15.0, lr: float = 1e-6,
+               batch_size: int = 16) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.objective = "lcd"
+    c.total_steps = 4000 if lora_rank else 10_000
+    c.batch_size = batch_size
+    c.data = ml_collections.ConfigDict(dict(
+        name="webdataset", path="", image_size=image_size, channels=3, caption_key="txt",
+        random_crop=True, random_flip=False, shuffle_buffer=1000))
+    c.model = ml_collections.ConfigDict(dict(
+        name="unet", pretrained=pretrained, dtype="float32", remat=True, clip_skip=None))
+    c.diffusion = ml_collections.ConfigDict(dict(  # SD's; the folder's scheduler config is used
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        num_train_timesteps=1000, prediction_type=prediction_type))
+    c.lcd = ml_collections.ConfigDict(dict(
+        num_ddim_timesteps=50, solver="ddim", w_min=w_min, w_max=w_max, w_embedding_dim=256,
+        loss="huber", huber_c=0.001, target="online" if lora_rank else "ema",
+        sigma_data=0.5, timestep_scaling=10.0, zero_init_cond_proj=True,
+        lora=ml_collections.ConfigDict(dict(rank=lora_rank, alpha=float(lora_rank),
+                                            targets=LCM_LORA_TARGETS)) if lora_rank else None))
+    c.ema_decay = 0.0 if lora_rank else 0.95  # LoRA: no EMA (samples show the live adapters)
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=lr, warmup_steps=500 if not lora_rank else 100, decay="constant", b1=0.9, b2=0.999,
+        eps=1e-8, weight_decay=0.01 if lora_rank else 0.0, grad_clip=1.0))
+    c.parallel = ml_collections.ConfigDict(dict(
+        mode="jit", data=-1, fsdp=1, fsdp_min_size=2 ** 16, coordinator_address="",
+        num_processes=0, process_id=-1))
+    c.log_every_steps = 20
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
+    c.sample = ml_collections.ConfigDict(dict(
+        every_steps=500, sampler="lcm", num_steps=4, num_images=len(PROMPTS),
+        guidance_scale=1.0 if lora_rank else 8.0,  # LCM: w = g - 1 embedded; LoRA: plain CFG
+        prompts=PROMPTS))
+    c.wandb = ml_collections.ConfigDict(dict(
+        project="lcm_jax", entity="", mode="offline",
+        tags=("lcd", "lora" if lora_rank else "full")))
+    return c

@@ -1,0 +1,242 @@
+"""Latent Consistency Distillation (Latent Consistency Models, arXiv 2310.04378, Algorithm 1),
+full-parameter and LCM-LoRA, as ONE compiled train step.
+
+Per step, inside one XLA program (donated state, the shardings of parallel.py):
+  1. latents z (VAE-encoded here, a posterior draw, or `batch["latents"]` from a cache) and the
+     condition c; per example a grid index n, a guidance scale w ~ U[w_min, w_max] and noise;
+     z_t = alpha_t z + sigma_t noise at t = t_{n+k};
+  2. the teacher on cond AND uncond in ONE batched call of 2B (second-order solvers make a second
+     2B call at the midpoint);
+  3. the CFG-augmented solver step z_s = (1 + w) Psi(z_t, t, s, c) - w Psi(z_t, t, s, 0) with
+     s = t_n (for DDIM this is x0_w = x0_c + w (x0_c - x0_u), eps_w likewise: the LCM convention).
+     Teacher outputs are converted to (x0, eps) for their prediction type first: a v-prediction
+     teacher's raw output is never used as noise (the official LCD code's bug);
+  4. the student f(z_t, w, c, t) = c_skip(t) z_t + c_out(t) x0(F(z_t, t, c, emb(w))) and the
+     target f^-(z_s, w, c, s) under stop_gradient, with the same w-embedding;
+  5. L2 or pseudo-Huber distance, gradient clipping + AdamW, EMA theta^- <- mu theta^- + (1-mu) theta.
+
+LCM-LoRA mode (`config.lcd.lora`): ONE base network. The teacher is the base, the student is
+base + LoRA (merged inside the step, differentiated through the merge), the target is base +
+stop_gradient(LoRA) (`lcd.target = "online"`, as LCM-LoRA) or base + EMA(LoRA) ("ema"); there
+is no w-embedding. Full mode trains a copy of the teacher with a new `time_cond_proj` input.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lcm_jax.diffusion import consistency, samplers, solvers
+from lcm_jax.diffusion import schedule as sched
+from lcm_jax.models import Denoiser, convert, lora
+from lcm_jax.objectives import common
+from lcm_jax.objectives.conditioning import concat
+from lcm_jax.train import TrainState
+
+TARGETS = ("ema", "online")
+
+
+@dataclasses.dataclass
+class Teacher:
+    """What LCD distils from. `net` is the teacher (in LoRA mode also the student's base);
+    `student_net` is the same network with the w-embedding input (full mode)."""
+    net: Denoiser
+    params: Any
+    schedule: sched.Schedule
+    prediction_type: str
+    conditioning: Any  # objectives.conditioning.*
+    latent_shape: tuple  # (h, w, c) of the teacher's input
+    vae: Any = None  # AutoencoderKL module, or None when batches carry latents
+    vae_params: Any = None
+    student_net: Denoiser | None = None
+
+
+def distance(pred, target, loss: str, huber_c: float):
+    """Elementwise mean of (pred - target)^2, or of sqrt((pred - target)^2 + c^2) - c."""
+    d = pred.astype(jnp.float32) - target.astype(jnp.float32)
+    if loss == "l2":
+        return jnp.mean(d ** 2)
+    if loss == "huber":
+        return jnp.mean(jnp.sqrt(d ** 2 + huber_c ** 2) - huber_c)
+    raise ValueError(f"config.lcd.loss={loss!r}; use 'l2' or 'huber'.")
+
+
+class LCDObjective:
+    def __init__(self, config, teacher: Teacher):
+        self.config, self.teacher = config, teacher
+        self.lcd = lcd = config.lcd
+        self.schedule = teacher.schedule
+        self.grid = sched.skip_grid(self.schedule.num_train_timesteps, lcd.num_ddim_timesteps)
+        self.lora = lcd.get("lora") or None
+        self.target = lcd.get("target", "online" if self.lora else "ema")
+        if self.target not in TARGETS:
+            raise ValueError(f"config.lcd.target={self.target!r}; use one of {TARGETS}.")
+        if not self.lora and teacher.student_net is None:
+            raise ValueError("Full LCD needs Teacher.student_net (the teacher with time_cond_proj).")
+        self.student_net = teacher.net if self.lora else teacher.student_net
+        self.conditioning = teacher.conditioning
+        self.scalings = dict(sigma_data=lcd.get("sigma_data", 0.5),
+                             timestep_scaling=lcd.get("timestep_scaling", 10.0))
+        self.tx = common.make_optimizer(config.optimizer, config.total_steps)
+        self.frozen = {"teacher": teacher.params, **self.conditioning.frozen}
+        if teacher.vae is not None:
+            self.frozen["vae"] = teacher.vae_params
+
+    # -- what the loop needs ----------------------------------------------------------------
+    def prepare_batch(self, batch: dict) -> dict:
+        return self.conditioning.prepare_batch(batch)
+
+    def init_state(self, rng, frozen) -> TrainState:
+        init_rng, rng = jax.random.split(rng)
+        if self.lora:
+            params = lora.init(init_rng, frozen["teacher"], self.lora.get("targets", lora.LCM_LORA_TARGETS),
+                               self.lora.rank)
+        else:
+            params = self._student_from_teacher(init_rng, frozen)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                          opt_state=self.tx.init(params), rng=rng)
+
+    def train_step(self, state: TrainState, batch, frozen, axis_name: str | None = None):
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
+            state.params, state, batch, frozen, rng, axis_name)
+        grads, metrics = common.cross_replica_mean((grads, metrics), axis_name)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(jnp.add, state.params, updates)
+        ema = common.ema_update(state.ema_params, params, self.config.ema_decay)
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
+        return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                             opt_state=opt_state), metrics
+
+    def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
+        """LCM multistep samples of the student (`params`: its EMA), decoded: (images, labels)."""
+        cond, uncond, labels = self.conditioning.sample_conditions(frozen, num_images)
+        z = jax.random.normal(rng, (num_images,) + self.teacher.latent_shape)
+        g = sample_config.guidance_scale
+        if self.lora:  # no w-embedding: classifier-free guidance at sampling time
+            model_fn = samplers.guided(self._apply_fn(self.student(params, frozen)), cond, uncond, g)
+        else:  # pipelines embed w = guidance_scale - 1; one conditional call per step
+            w_emb = self.w_embedding(jnp.full((num_images,), g - 1.0))
+            model_fn = lambda x, t: self.student_net.apply(params, x, t, cond, w_emb)
+        kwargs = dict(rng=jax.random.fold_in(rng, 1),
+                      original_inference_steps=self.lcd.num_ddim_timesteps)
+        if sample_config.sampler == "lcm":
+            kwargs.update(self.scalings)
+        elif sample_config.sampler == "tcd":
+            kwargs["gamma"] = sample_config.get("gamma", 0.3)
+        latents = samplers.sample(sample_config.sampler, model_fn, z, self.schedule,
+                                  sample_config.num_steps,
+                                  prediction_type=self.teacher.prediction_type, **kwargs)
+        return self.decode(frozen, latents), labels
+
+    def teacher_sample_fn(self, frozen, rng, num_images: int, sample_config):
+        """Baseline samples of the teacher (DDIM / DPM-Solver(++)) under CFG, decoded."""
+        cond, uncond, labels = self.conditioning.sample_conditions(frozen, num_images)
+        z = jax.random.normal(rng, (num_images,) + self.teacher.latent_shape)
+        model_fn = samplers.guided(self._apply_fn(frozen["teacher"]), cond, uncond,
+                                   sample_config.guidance_scale)
+        kwargs = dict(sample_config.get("sampler_kwargs", None) or {})  # e.g. timestep_spacing
+        if sample_config.sampler in ("tcd", "lcm") or kwargs.get("eta"):
+            kwargs["rng"] = jax.random.fold_in(rng, 1)
+        latents = samplers.sample(sample_config.sampler, model_fn, z, self.schedule,
+                                  sample_config.num_steps,
+                                  prediction_type=self.teacher.prediction_type, **kwargs)
+        return self.decode(frozen, latents), labels
+
+    # -- the math ---------------------------------------------------------------------------
+    def w_embedding(self, w):
+        return consistency.guidance_scale_embedding(w, self.lcd.get("w_embedding_dim", 256))
+
+    def student(self, params, frozen):
+        """The student's full parameters (LoRA: merged into the base)."""
+        if not self.lora:
+            return params
+        return lora.merge(frozen["teacher"], params, self.lora.get("alpha", self.lora.rank))
+
+    def denoise(self, net: Denoiser, params, x, t, cond, w_emb=None):
+        """(x0, eps) from the network's raw output, whatever its prediction type."""
+        out = net.apply(params, x, t, cond, w_emb)
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        return sched.to_x0_eps(out, x, alpha, sigma, self.teacher.prediction_type)
+
+    def consistency(self, params, x, t, cond, w_emb):
+        """f(x, w, c, t) = c_skip(t) x + c_out(t) x0(F(x, t, c, emb(w)))."""
+        x0, _ = self.denoise(self.student_net, params, x, t, cond, w_emb)
+        return consistency.consistency_fn(x, x0, t, **self.scalings)
+
+    def solve(self, teacher_params, x_t, t, s, cond, uncond, w):
+        """The CFG-augmented teacher step (1 + w) Psi(x_t, t, s, c) - w Psi(x_t, t, s, 0),
+        cond and uncond in one batched call (a second one at the midpoint for 2nd order)."""
+        both = concat(cond, uncond)
+        double = lambda a: jnp.concatenate([a, a])
+        denoise_fn = lambda x, tt: self.denoise(self.teacher.net, teacher_params, x, tt, both)
+        x2, t2 = double(x_t), double(t)
+        x0, eps = denoise_fn(x2, t2)
+        psi_c, psi_u = jnp.split(
+            solvers.psi(self.lcd.solver, x2, t2, double(s), x0, eps, denoise_fn, self.schedule), 2)
+        w = sched.broadcast(w, psi_c)
+        return (1.0 + w) * psi_c - w * psi_u
+
+    def draws(self, rng, batch_size: int, latent_shape, axis_name=None):
+        """Per-example grid index, guidance scale, noise and VAE posterior noise, keyed by the
+        example's global index (the same draws on any device layout)."""
+        keys = common.example_keys(rng, batch_size, axis_name)
+        one = lambda k: (
+            jax.random.randint(jax.random.fold_in(k, 0), (), 0, len(self.grid.timesteps)),
+            jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32, self.lcd.w_min,
+                               self.lcd.w_max),
+            jax.random.normal(jax.random.fold_in(k, 2), latent_shape),
+            jax.random.normal(jax.random.fold_in(k, 3), latent_shape))
+        return jax.vmap(one)(keys)
+
+    def latents(self, batch, frozen, posterior_noise):
+        if "latents" in batch:
+            return batch["latents"]
+        return self.teacher.vae.encode_to_latents(frozen["vae"], batch["image"],
+                                                  noise=posterior_noise)
+
+    def loss(self, params, state: TrainState, batch, frozen, rng, axis_name=None):
+        batch_size = next(iter(batch.values())).shape[0]
+        n, w, noise, posterior_noise = self.draws(rng, batch_size, self.teacher.latent_shape,
+                                                  axis_name)
+        z = self.latents(batch, frozen, posterior_noise)
+        cond, uncond = self.conditioning.encode(batch, frozen)
+        t, s = jnp.asarray(self.grid.timesteps)[n], jnp.asarray(self.grid.prev_timesteps)[n]
+        x_t = sched.add_noise(z, noise, *self.schedule.alpha_sigma(t))
+        w_emb = None if self.lora else self.w_embedding(w)
+
+        x_s = self.solve(frozen["teacher"], x_t, t, s, cond, uncond, w)
+        target_params = state.ema_params if self.target == "ema" else params
+        target = self.consistency(self.student(jax.lax.stop_gradient(target_params), frozen),
+                                  jax.lax.stop_gradient(x_s), s, cond, w_emb)
+        pred = self.consistency(self.student(params, frozen), x_t, t, cond, w_emb)
+        loss = distance(pred, jax.lax.stop_gradient(target), self.lcd.loss,
+                        self.lcd.get("huber_c", 0.001))
+        return loss, {"loss": loss}
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _apply_fn(self, params):
+        return lambda x, t, cond: self.teacher.net.apply(params, x, t, cond)
+
+    def decode(self, frozen, latents):
+        if self.teacher.vae is None:
+            return jnp.clip(latents, -1.0, 1.0)
+        return jnp.clip(self.teacher.vae.decode_latents(frozen["vae"], latents), -1.0, 1.0)
+
+    def _student_from_teacher(self, rng, frozen):
+        """The teacher's params plus the new w-embedding projection (`cond_proj`), zero-initialised
+        (`lcd.zero_init_cond_proj`, default) so that the student starts as the teacher."""
+        cond, _, _ = self.conditioning.sample_conditions(frozen, 1)
+        x = jnp.zeros((1,) + self.teacher.latent_shape)
+        t = jnp.zeros((1,), jnp.int32)
+        fresh = convert.flatten(self.student_net.init(rng, x, t, cond,
+                                                      self.w_embedding(jnp.zeros((1,)))))
+        taught = convert.flatten(frozen["teacher"])
+        if set(taught) - set(fresh):
+            raise ValueError(f"Teacher params absent from the student: {sorted(set(taught) - set(fresh))[:5]}")
+        zero_new = self.lcd.get("zero_init_cond_proj", True)
+        return convert.unflatten({
+            p: taught[p] if p in taught else (jnp.zeros_like(v) if zero_new else v)
+            for p, v in fresh.items()})

@@ -1,0 +1,163 @@
+"""Where distillation teachers come from: `objectives.lcd.Teacher` from a config.
+
+  from_pretrained(config)          a local diffusers Stable Diffusion folder (SD 1.x, 2.x, SDXL):
+                                   UNet, VAE, text encoder(s), tokenizer(s), scheduler config.
+  train_chained(config, workdir)   the embedded default: a KL autoencoder and a class-conditional
+                                   latent teacher trained on digits first, each in its own
+                                   sub-workdir (W/vae, W/teacher) and skipped on a rerun.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from lcm_jax import models, train
+from lcm_jax.diffusion import schedule as sched
+from lcm_jax.objectives import conditioning
+from lcm_jax.objectives.lcd import Teacher
+
+log = logging.getLogger("lcm_jax")
+
+
+def w_embedding_dim(config) -> int:
+    return config.lcd.get("w_embedding_dim", 256)
+
+
+# ==============================================================================================
+# Stable Diffusion folders
+# ==============================================================================================
+
+def from_pretrained(config) -> Teacher:
+    """SD teacher from `config.model.pretrained` (a diffusers pipeline folder). The scheduler
+    config gives the noise schedule; its prediction type must match config.diffusion's."""
+    import jax.numpy as jnp
+
+    from lcm_jax.models import clip_text, convert, unet, vae
+
+    folder = os.path.expanduser(config.model.pretrained)
+    sub = lambda name: os.path.join(folder, name)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.get("dtype", "float32")]
+    remat = config.model.get("remat", False)
+    unet_module, unet_params = unet.from_pretrained(sub("unet"), dtype=dtype, remat=remat)
+    vae_module, vae_params = vae.from_pretrained(sub("vae"), dtype=dtype)
+    with open(os.path.join(sub("scheduler"), "scheduler_config.json")) as f:
+        sc = json.load(f)
+    prediction_type = sc.get("prediction_type", "epsilon")
+    if prediction_type != config.diffusion.prediction_type:
+        raise ValueError(f"config.diffusion.prediction_type={config.diffusion.prediction_type!r} "
+                         f"but {folder}/scheduler says {prediction_type!r}; set it to match.")
+    schedule = sched.make_schedule(sc.get("beta_schedule", "scaled_linear"),
+                                   sc.get("num_train_timesteps", 1000), sc.get("beta_start", 0.00085),
+                                   sc.get("beta_end", 0.012), trained_betas=sc.get("trained_betas"))
+    size = config.data.image_size // vae_module.config.factor
+    prompts = tuple(config.sample.get("prompts", ("",)))
+    clip_skip = config.model.get("clip_skip", None)
+    if os.path.isdir(sub("text_encoder_2")):  # SDXL
+        encoders = [clip_text.from_pretrained(sub(n), dtype=dtype)
+                    for n in ("text_encoder", "text_encoder_2")]
+        cond = conditioning.SDXLConditioning(
+            [e[0] for e in encoders], [e[1] for e in encoders],
+            [clip_text.load_tokenizer(sub(n)) for n in ("tokenizer", "tokenizer_2")],
+            config.data.image_size, prompts, clip_skip)
+    else:
+        encoder, text_params = clip_text.from_pretrained(sub("text_encoder"), dtype=dtype)
+        cond = conditioning.TextConditioning(encoder, text_params,
+                                             clip_text.load_tokenizer(sub("tokenizer")),
+                                             prompts, clip_skip)
+    student = None
+    if not config.lcd.get("lora"):
+        student_config = dict(convert.read_config(sub("unet")),
+                              time_cond_proj_dim=w_embedding_dim(config))
+        student = models.Denoiser(unet.from_config(student_config, dtype=dtype, remat=remat))
+    return Teacher(models.Denoiser(unet_module), unet_params, schedule, prediction_type, cond,
+                   (size, size, unet_module.config.in_channels), vae_module, vae_params, student)
+
+
+# ==============================================================================================
+# The chained digits teacher
+# ==============================================================================================
+
+def stage_config(config, section: str) -> ml_collections.ConfigDict:
+    """A full run config for one stage: the parent's loop settings overridden by config.<section>."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    for key, value in config[section].items():
+        c[key] = value
+    return c
+
+
+def _done(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "DONE"))
+
+
+def _mark_done(path: str) -> None:
+    if jax.process_index() == 0:
+        open(os.path.join(path, "DONE"), "w").close()
+
+
+def _pipeline(arrays: dict, stage):
+    from lcm_jax.data.pipeline import ArrayPipeline
+
+    return ArrayPipeline(arrays, global_batch_size=stage.batch_size, seed=stage.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def train_vae(config, workdir: str, images: np.ndarray):
+    """Stage 1: the KL autoencoder, exported as a diffusers AutoencoderKL folder (W/vae/export)
+    whose scaling_factor makes the training latents unit-variance."""
+    from lcm_jax.models import vae as vae_lib
+    from lcm_jax.objectives.autoencoder import AutoencoderObjective, scaling_factor
+
+    path, export = os.path.join(workdir, "vae"), os.path.join(workdir, "vae", "export")
+    if not _done(path):
+        c = stage_config(config, "vae_stage")
+        objective = AutoencoderObjective(c, images.shape[1:], images[:20])
+        final = train.run(c, path, objective, _pipeline({"image": images}, c))
+        params = jax.device_get(final.ema_params)
+        vae_config = dict(objective.vae_config,
+                          scaling_factor=scaling_factor(objective.module, params, images))
+        if jax.process_index() == 0:
+            vae_lib.save_pretrained(export, vae_config, params)
+        _mark_done(path)
+    return vae_lib.from_pretrained(export)
+
+
+def train_teacher(config, workdir: str, latents: np.ndarray, labels: np.ndarray):
+    """Stage 2: the class-conditional latent teacher (plain diffusion on the cached latents)."""
+    from flax import serialization
+
+    from lcm_jax.objectives.diffusion import DiffusionObjective
+
+    c = stage_config(config, "teacher_stage")
+    net = models.make_model(c.model, latents.shape[-1])
+    path = os.path.join(workdir, "teacher")
+    weights = os.path.join(path, "ema_params.msgpack")
+    objective = DiffusionObjective(c, net, latents.shape[1:])
+    if not _done(path):
+        final = train.run(c, path, objective, _pipeline({"image": latents, "label": labels}, c))
+        if jax.process_index() == 0:
+            with open(weights + ".tmp", "wb") as f:
+                f.write(serialization.to_bytes(jax.device_get(final.ema_params)))
+            os.replace(weights + ".tmp", weights)
+        _mark_done(path)
+    template = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0)).params
+    with open(weights, "rb") as f:
+        params = serialization.from_bytes(template, f.read())
+    return net, params, objective.schedule, c
+
+
+def train_chained(config, workdir: str, images: np.ndarray, labels: np.ndarray) -> Teacher:
+    """VAE -> latent cache -> latent teacher, each skipped when its sub-workdir says DONE."""
+    from lcm_jax.data import latents as latent_cache
+
+    vae_module, vae_params = train_vae(config, workdir, images)
+    latents = latent_cache.encode(vae_module, vae_params, images)
+    net, params, schedule, c = train_teacher(config, workdir, latents, labels)
+    student = models.make_model(c.model, latents.shape[-1], w_embedding_dim(config))
+    return Teacher(net, params, schedule, c.diffusion.prediction_type,
+                   conditioning.ClassConditioning(c.model.num_classes), latents.shape[1:],
+                   vae_module, vae_params, student)

@@ -1,0 +1,236 @@
+"""LCD: the fused train step equals the same math written out plainly (separate cond / uncond
+teacher calls, explicit DDIM, c_skip / c_out, pseudo-Huber, optax, EMA), in full and LoRA mode;
+the CFG-augmented solver step is exact for eps AND v teachers with every solver."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import digits_lcd
+from lcm_jax import models
+from lcm_jax.diffusion import consistency
+from lcm_jax.diffusion import schedule as sched
+from lcm_jax.models import lora
+from lcm_jax.models import vae as vae_lib
+from lcm_jax.objectives import conditioning
+from lcm_jax.objectives.lcd import LCDObjective, Teacher
+
+B, IMAGE, NULL = 4, (8, 8, 1), 10
+
+
+def tiny_config(**lcd):
+    c = digits_lcd.get_config("tiny")
+    c.model.update(patch_size=2, width=32, depth=1, num_heads=2)
+    c.optimizer.update(lr=1e-3, warmup_steps=0, decay="constant", eps=1e-4)
+    c.lcd.update(w_min=1.0, w_max=5.0, **lcd)
+    return c
+
+
+def randomized(params, rng, scale=0.05):
+    """DiT starts as an exact zero function: perturb every param so the test sees real math."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(rng, len(leaves))
+    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def tiny_teacher(config, prediction_type="epsilon", with_vae=True, w_dim=None):
+    vae_module = vae_lib.from_config(dict(in_channels=1, out_channels=1, block_out_channels=[8, 16],
+                                          latent_channels=4, norm_num_groups=4, sample_size=8,
+                                          scaling_factor=0.7))
+    vae_params = randomized(vae_module.init(jax.random.PRNGKey(1), jnp.zeros((1,) + IMAGE))["params"],
+                            jax.random.PRNGKey(2))
+    latent_shape = (4, 4, 4) if with_vae else IMAGE
+    net = models.make_model(config.model, latent_shape[-1])
+    x = jnp.zeros((1,) + latent_shape)
+    params = randomized(net.init(jax.random.PRNGKey(3), x, jnp.zeros((1,), jnp.int32),
+                                 jnp.zeros((1,), jnp.int32)), jax.random.PRNGKey(4), 0.2)
+    student = models.make_model(config.model, latent_shape[-1], w_dim or config.lcd.w_embedding_dim)
+    schedule = sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
+    return Teacher(net, params, schedule, prediction_type, conditioning.ClassConditioning(NULL),
+                   latent_shape, vae_module if with_vae else None,
+                   vae_params if with_vae else None, student)
+
+
+def batch():
+    rng = np.random.default_rng(0)
+    return {"image": rng.uniform(-1, 1, (B,) + IMAGE).astype(np.float32),
+            "label": np.asarray([0, 3, 7, 9], np.int32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The same math, unfused and written out
+# ----------------------------------------------------------------------------------------------
+
+def reference_step(objective, state, batch, frozen):
+    c, teacher = objective.config, objective.teacher
+    abar = jnp.asarray(teacher.schedule.alphas_cumprod)
+    rng = jax.random.fold_in(state.rng, state.step)
+    keys = [jax.random.fold_in(rng, i) for i in range(B)]  # the per-example draw contract
+    shape = teacher.latent_shape
+    n = jnp.stack([jax.random.randint(jax.random.fold_in(k, 0), (), 0, 50) for k in keys])
+    w = jnp.stack([jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32, c.lcd.w_min,
+                                      c.lcd.w_max) for k in keys])
+    noise = jnp.stack([jax.random.normal(jax.random.fold_in(k, 2), shape) for k in keys])
+    posterior = jnp.stack([jax.random.normal(jax.random.fold_in(k, 3), shape) for k in keys])
+
+    mean, logvar = teacher.vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
+    z = (mean + jnp.exp(0.5 * logvar) * posterior) * teacher.vae.config.scaling_factor
+    t = 20 * (n + 1) - 1
+    s = jnp.maximum(t - 20, 0)
+    col = lambda a: a[:, None, None, None]
+    a_t, a_s = col(abar[t]), col(abar[s])
+    x_t = jnp.sqrt(a_t) * z + jnp.sqrt(1 - a_t) * noise
+    labels = batch["label"]
+
+    eps_c = teacher.net.apply(frozen["teacher"], x_t, t, labels)  # two separate calls
+    eps_u = teacher.net.apply(frozen["teacher"], x_t, t, jnp.full_like(labels, NULL))
+    x0_c = (x_t - jnp.sqrt(1 - a_t) * eps_c) / jnp.sqrt(a_t)
+    x0_u = (x_t - jnp.sqrt(1 - a_t) * eps_u) / jnp.sqrt(a_t)
+    x0_w = x0_c + col(w) * (x0_c - x0_u)
+    eps_w = eps_c + col(w) * (eps_c - eps_u)
+    x_s = jnp.sqrt(a_s) * x0_w + jnp.sqrt(1 - a_s) * eps_w  # DDIM
+
+    lora_mode = bool(c.lcd.get("lora"))
+    net = teacher.net if lora_mode else teacher.student_net
+    full = (lambda p: lora.merge(frozen["teacher"], p, c.lcd.lora.alpha)) if lora_mode else (lambda p: p)
+    w_emb = None if lora_mode else consistency.guidance_scale_embedding(w, 256)
+
+    def f(params, x, tt):
+        a = col(abar[tt])
+        x0 = (x - jnp.sqrt(1 - a) * net.apply(full(params), x, tt, labels, w_emb)) / jnp.sqrt(a)
+        st = col(10.0 * tt.astype(jnp.float32))
+        return 0.25 / (st ** 2 + 0.25) * x + st / jnp.sqrt(st ** 2 + 0.25) * x0
+
+    target_params = state.params if c.lcd.target == "online" else state.ema_params
+    target = f(target_params, x_s, s)
+    loss_fn = lambda p: jnp.mean(jnp.sqrt((f(p, x_t, t) - target) ** 2 + 0.001 ** 2) - 0.001)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, eps=1e-4, weight_decay=0.0))
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: 0.95 * e + 0.05 * p, state.ema_params, params)
+    return loss, params, ema
+
+
+def max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fused_step_equals_unfused_math(mode):
+    lora_config = dict(rank=4, alpha=4.0, targets=("qkv", "fc1", "fc2")) if mode == "lora" else None
+    config = tiny_config(lora=lora_config, target="online" if mode == "lora" else "ema")
+    objective = LCDObjective(config, tiny_teacher(config))
+    frozen = objective.frozen
+    state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
+    # A state whose online and EMA networks differ, and whose LoRA B is non-zero.
+    state = state.replace(params=randomized(state.params, jax.random.PRNGKey(5), 0.02),
+                          step=jnp.asarray(3, jnp.int32))
+    new_state, metrics = jax.jit(objective.train_step)(state, batch(), frozen)
+    loss, params, ema = jax.jit(reference_step, static_argnums=0)(objective, state, batch(), frozen)
+
+    assert float(metrics["loss"]) > 0
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+    assert max_diff(new_state.params, params) < 1e-6
+    assert max_diff(new_state.ema_params, ema) < 1e-6
+    assert max_diff(new_state.params, state.params) > 1e-4  # the step really moved the params
+    if mode == "lora":  # ONE base network: the state holds only the adapters
+        assert set(jax.tree.leaves(jax.tree.map(lambda x: x.ndim, state.params))) <= {2}
+        assert sum(x.size for x in jax.tree.leaves(state.params)) < 0.2 * sum(
+            x.size for x in jax.tree.leaves(frozen["teacher"]))
+
+
+def test_student_starts_as_the_teacher():
+    config = tiny_config()
+    objective = LCDObjective(config, tiny_teacher(config))
+    state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), objective.frozen)
+    x = jax.random.normal(jax.random.PRNGKey(1), (B, 4, 4, 4))
+    t, labels = jnp.asarray([19, 259, 499, 999]), jnp.asarray([1, 2, 3, NULL])
+    w_emb = consistency.guidance_scale_embedding(jnp.asarray([1.0, 2.0, 3.0, 4.0]), 256)
+    student = objective.student_net.apply(state.params, x, t, labels, w_emb)
+    teacher = objective.teacher.net.apply(objective.frozen["teacher"], x, t, labels)
+    np.testing.assert_allclose(student, teacher, atol=1e-6)
+    assert float(jnp.max(jnp.abs(teacher))) > 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# The solver step is exact, for eps and v teachers (the official code's v bug is not repeated)
+# ----------------------------------------------------------------------------------------------
+
+class PointMassTeacher:
+    """The exact denoiser of a point mass at x0_c (labels < NULL) or x0_u (the null class), giving
+    its output as eps or v. On such data the PF-ODE moves along alpha_t x0 + sigma_t eps with a
+    constant eps, so every solver's step is exact."""
+
+    def __init__(self, x0_c, x0_u, schedule, prediction_type):
+        self.x0_c, self.x0_u, self.schedule, self.pt = x0_c, x0_u, schedule, prediction_type
+
+    def apply(self, params, x, t, labels, w_emb=None):
+        n = self.x0_c.shape[0]
+        x0 = jnp.where((labels == NULL)[:, None, None, None], jnp.concatenate([self.x0_u] * (x.shape[0] // n)),
+                       jnp.concatenate([self.x0_c] * (x.shape[0] // n)))
+        alpha, sigma = (sched.broadcast(a, x) for a in self.schedule.alpha_sigma(t))
+        eps = (x - alpha * x0) / sigma
+        return eps if self.pt == "epsilon" else alpha * eps - sigma * x0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("solver", ["ddim", "dpm_solver", "dpm_solver_pp"])
+def test_cfg_solver_step_is_exact(prediction_type, solver):
+    config = tiny_config(solver=solver)
+    schedule = sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
+    rng = np.random.default_rng(0)
+    x0_c, x0_u, eps = (jnp.asarray(rng.standard_normal((B, 4, 4, 4)), jnp.float32) for _ in range(3))
+    fake = PointMassTeacher(x0_c, x0_u, schedule, prediction_type)
+    teacher = Teacher(fake, {}, schedule, prediction_type, conditioning.ClassConditioning(NULL),
+                      (4, 4, 4), student_net=fake)
+    objective = LCDObjective(config, teacher)
+    t, s = jnp.asarray([999, 519, 259, 39]), jnp.asarray([979, 499, 239, 19])
+    w = jnp.asarray([0.0, 1.0, 3.0, 7.5])
+    col = lambda a: a[:, None, None, None]
+    a_t, s_t = (col(v) for v in schedule.alpha_sigma(t))
+    a_s, s_s = (col(v) for v in schedule.alpha_sigma(s))
+    x_t = a_t * x0_c + s_t * eps  # on the conditional trajectory
+    labels = jnp.asarray([0, 1, 2, 3])
+    got = jax.jit(objective.solve)({}, x_t, t, s, labels, jnp.full_like(labels, NULL), w)
+
+    eps_u = (x_t - a_t * x0_u) / s_t  # the unconditional branch's (constant) noise
+    want = (1 + col(w)) * (a_s * x0_c + s_s * eps) - col(w) * (a_s * x0_u + s_s * eps_u)
+    np.testing.assert_allclose(got, want, atol=2e-4 if solver == "dpm_solver" else 2e-5)
+
+    if prediction_type == "v_prediction":  # the official LCD script's bug: raw v used as noise
+        v = fake.apply({}, x_t, t, labels)
+        buggy = a_s * ((x_t - s_t * v) / a_t) + s_s * v
+        assert float(jnp.max(jnp.abs(buggy - a_s * x0_c - s_s * eps))) > 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditioning
+# ----------------------------------------------------------------------------------------------
+
+def test_sdxl_unconditional_branch_is_zeros_with_the_same_time_ids():
+    from lcm_jax.models import clip_text
+
+    enc_config = dict(vocab_size=60, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                      num_attention_heads=2, max_position_embeddings=12, eos_token_id=59)
+    encoders = [clip_text.CLIPTextModel(clip_text.TextEncoderConfig.from_dict(enc_config)),
+                clip_text.CLIPTextModelWithProjection(clip_text.TextEncoderConfig.from_dict(
+                    dict(enc_config, hidden_size=12, projection_dim=6)))]
+    ids = jnp.ones((2, 12), jnp.int32)
+    params = [e.init(jax.random.PRNGKey(i), ids)["params"] for i, e in enumerate(encoders)]
+
+    class Tok:  # tokenizer stand-in: the test feeds ids directly
+        model_max_length = 12
+
+    cond = conditioning.SDXLConditioning(encoders, params, [Tok(), Tok()], image_size=64)
+    batch = cond.prepare_batch({"input_ids": np.ones((2, 12), np.int32),
+                                "input_ids_2": np.ones((2, 12), np.int32)})
+    np.testing.assert_array_equal(batch["time_ids"], [[64, 64, 0, 0, 64, 64]] * 2)
+    c, u = cond.encode({k: jnp.asarray(v) for k, v in batch.items()}, cond.frozen)
+    assert c["encoder_hidden_states"].shape == (2, 12, 8 + 12)
+    assert c["added_cond"]["text_embeds"].shape == (2, 6)
+    assert float(jnp.abs(c["encoder_hidden_states"]).max()) > 0
+    assert float(jnp.abs(u["encoder_hidden_states"]).max()) == 0
+    assert float(jnp.abs(u["added_cond"]["text_embeds"]).max()) == 0
+    np.testing.assert_array_equal(u["added_cond"]["time_ids"], c["added_cond"]["time_ids"])

@@ -1,0 +1,64 @@
+"""LCD on a Stable Diffusion folder: a tiny random diffusers pipeline saved to disk, loaded by
+`teachers.from_pretrained` (UNet, VAE, CLIP, tokenizer, scheduler), captions tokenized on the
+host, CLIP and the VAE run inside the compiled step; full (w-embedding) and LCM-LoRA modes."""
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+import jax  # noqa: E402
+
+from configs import sd15_lcd, sd15_lcm_lora  # noqa: E402
+from lcm_jax import config_checks, teachers  # noqa: E402
+from lcm_jax.objectives.lcd import LCDObjective  # noqa: E402
+from test_pipeline import build  # noqa: E402
+from test_unet import fast_compile  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sd")
+    build(tmp, "ddim")
+    return str(tmp / "pipe")
+
+
+def config_for(module, folder):
+    c = module.get_config(folder)
+    c.data.update(name="folder", path=folder, image_size=16)  # any existing folder passes checks
+    c.batch_size = 2
+    c.sample.prompts = ("a cat",)
+    c.optimizer.warmup_steps = 0  # step 0 of a warmup has lr 0
+    return c
+
+
+@pytest.mark.parametrize("module", [sd15_lcd, sd15_lcm_lora], ids=["full", "lora"])
+def test_sd_folder_distils(folder, module):
+    config = config_for(module, folder)
+    config.lcd.lora and config.lcd.lora.update(rank=2, alpha=2.0)
+    config_checks.validate(config, device_count=1, process_count=1)
+    objective = LCDObjective(config, teachers.from_pretrained(config))
+    assert objective.teacher.latent_shape == (8, 8, 4)
+    batch = objective.prepare_batch({"image": np.random.default_rng(0).uniform(
+        -1, 1, (2, 16, 16, 3)).astype(np.float32), "caption": np.asarray(["a cat", "a dog"])})
+    assert batch["input_ids"].shape == (2, 12) and "caption" not in batch
+    frozen = objective.frozen
+    assert set(frozen) == {"teacher", "text_encoder", "vae"}
+    state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
+    new_state, metrics = fast_compile(objective.train_step, state, batch, frozen)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
+    moved = max(float(np.max(np.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params)))
+    assert moved > 0
+    if config.lcd.lora:  # one base UNet: only adapters are trained
+        assert all(k[-1].key in ("lora_A", "lora_B") for k, _ in
+                   jax.tree_util.tree_flatten_with_path(state.params)[0])
+    else:
+        assert state.params["time_embedding"]["cond_proj"]["kernel"].shape == (256, 8)
+
+
+def test_sd_config_refuses_a_missing_folder():
+    with pytest.raises(config_checks.ConfigError, match="model.pretrained"):
+        config_checks.validate(sd15_lcd.get_config("/no/such/folder"), device_count=1, process_count=1)
+    with pytest.raises(config_checks.ConfigError, match="model.pretrained is not set"):
+        config_checks.validate(sd15_lcd.get_config(), device_count=1, process_count=1)
