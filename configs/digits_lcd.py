@@ -41,7 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.lcd = ml_collections.ConfigDict(dict(
         num_ddim_timesteps=50,  # N: the skip grid {19, 39, ..., 999}, k = 1000 / N = 20
         solver="ddim",  # Psi: "ddim", "dpm_solver" or "dpm_solver_pp"
-        w_min=0.5, w_max=2.5,  # LCM convention: x0_w = x0_c + w (x0_c - x0_u), w = g - 1
+        w_min=0.0, w_max=1.0,  # LCM convention: x0_w = x0_c + w (x0_c - x0_u), w = g - 1
         w_embedding_dim=256,
         loss="huber", huber_c=0.001,
         target="ema",  # the EMA target network theta^-, decay config.ema_decay
@@ -49,12 +49,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         lora=None))  # e.g. ConfigDict(rank=64, alpha=64): LCM-LoRA on one base network
     c.ema_decay = 0.95
     c.optimizer = ml_collections.ConfigDict(dict(
-        lr=2e-4, warmup_steps=50, decay="cosine", b1=0.9, b2=0.999, weight_decay=0.0,
+        lr=5e-5, warmup_steps=50, decay="cosine", b1=0.9, b2=0.999, weight_decay=0.0,
         grad_clip=1.0))
 
     # Stage 1: the autoencoder. Fields here override the top level for that run.
     c.vae_stage = ml_collections.ConfigDict(dict(
-        total_steps=800, batch_size=32, ema_decay=0.999, vae_kl_weight=1e-4,
+        total_steps=800, batch_size=32, ema_decay=0.99, vae_kl_weight=1e-4,
         optimizer=dict(lr=1e-3, warmup_steps=50, decay="cosine", grad_clip=1.0,
                        weight_decay=0.0, b1=0.9, b2=0.999),
         vae=dict(block_out_channels=[16, 32], layers_per_block=1, latent_channels=4,
@@ -64,7 +64,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         checkpoint=dict(every_steps=400, keep=1)))
     # Stage 2: the latent teacher (plain diffusion on the cached latents).
     c.teacher_stage = ml_collections.ConfigDict(dict(
-        objective="diffusion", total_steps=3000, batch_size=64, ema_decay=0.999,
+        objective="diffusion", total_steps=3000, batch_size=64, ema_decay=0.998,
         optimizer=dict(lr=1e-3, warmup_steps=100, decay="cosine", grad_clip=1.0,
                        weight_decay=0.0, b1=0.9, b2=0.999),
         sample=dict(every_steps=10 ** 9, sampler="ddim", num_steps=20, guidance_scale=2.0,
@@ -73,9 +73,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
     c.sample = ml_collections.ConfigDict(dict(
-        every_steps=500, sampler="lcm", num_steps=4, guidance_scale=2.5, num_images=40))
+        every_steps=500, sampler="lcm", num_steps=4, guidance_scale=1.5, num_images=40))
     c.eval = ml_collections.ConfigDict(dict(
-        guidance_scale=2.5,  # LCM embeds w = 1.5; the baselines use CFG at 2.5
+        guidance_scale=1.5,  # LCM embeds w = 0.5; the baselines use CFG at 1.5 (the teacher's
+        # FD-best guidance: DDIM-8 FD 19.5 / 12.2 / 23.9 at guidance 1 / 1.5 / 2.5)
         steps=[1, 2, 4, 8], teacher_steps=50, num_samples=500, batch_size=250))
     c.wandb.tags = ("digits", "lcd")
 
@@ -87,7 +88,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.log_every_steps = 2
         c.checkpoint.every_steps = 2
         c.sample.update(every_steps=4, num_steps=2, num_images=4)
-        c.eval.update(steps=[1, 2], teacher_steps=2, num_samples=20, batch_size=20)
+        c.eval.update(steps=[1], teacher_steps=2, num_samples=20, batch_size=20)
         c.vae_stage.update(total_steps=2, batch_size=16)
         c.vae_stage.vae.update(block_out_channels=[8, 16], norm_num_groups=4)
         c.teacher_stage.update(total_steps=2, batch_size=16)

@@ -108,9 +108,9 @@ def _pipeline(arrays: dict, stage):
 
 def train_vae(config, workdir: str, images: np.ndarray):
     """Stage 1: the KL autoencoder, exported as a diffusers AutoencoderKL folder (W/vae/export)
-    whose scaling_factor makes the training latents unit-variance."""
+    whose latents_mean / latents_std standardize the training latents."""
     from lcm_jax.models import vae as vae_lib
-    from lcm_jax.objectives.autoencoder import AutoencoderObjective, scaling_factor
+    from lcm_jax.objectives.autoencoder import AutoencoderObjective, latent_statistics
 
     path, export = os.path.join(workdir, "vae"), os.path.join(workdir, "vae", "export")
     if not _done(path):
@@ -119,7 +119,7 @@ def train_vae(config, workdir: str, images: np.ndarray):
         final = train.run(c, path, objective, _pipeline({"image": images}, c))
         params = jax.device_get(final.ema_params)
         vae_config = dict(objective.vae_config,
-                          scaling_factor=scaling_factor(objective.module, params, images))
+                          **latent_statistics(objective.module, params, images))
         if jax.process_index() == 0:
             vae_lib.save_pretrained(export, vae_config, params)
         _mark_done(path)

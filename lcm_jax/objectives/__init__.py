@@ -1,4 +1,8 @@
-"""Objectives registry: config.objective -> an object with init_state / train_step / sample_fn."""
+"""Objectives registry: config.objective -> an object with frozen / init_state / train_step / sample_fn.
+
+Objectives trained from scratch are built here from a model; distillation objectives also need a
+teacher (`lcm_jax.teachers`): experiments/main.py builds LCD as `lcd.LCDObjective(config, teacher)`.
+"""
 
 
 def make_objective(config, model, image_shape):
@@ -7,4 +11,8 @@ def make_objective(config, model, image_shape):
         from lcm_jax.objectives.diffusion import DiffusionObjective
 
         return DiffusionObjective(config, model, image_shape)
-    raise ValueError(f"config.objective={name!r} is not implemented yet; available: 'diffusion'.")
+    if name == "lcd":
+        raise ValueError("config.objective='lcd' distils a teacher: build it with "
+                         "lcm_jax.objectives.lcd.LCDObjective(config, lcm_jax.teachers.from_pretrained("
+                         "config)) (experiments/main.py does).")
+    raise ValueError(f"config.objective={name!r} is not implemented yet; available: 'diffusion', 'lcd'.")

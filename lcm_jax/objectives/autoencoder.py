@@ -3,8 +3,9 @@ small latent-diffusion teachers (the digits chain).
 
 Loss: mean squared reconstruction error of a posterior draw + kl_weight x the KL to N(0, I)
 (summed over latent elements, averaged over the batch). No perceptual or GAN terms: at 16x16
-they buy nothing. After training, `scaling_factor` is set to 1 / std of the latents (how Stable
-Diffusion's 0.18215 was chosen), so the diffusion model sees unit-variance latents.
+they buy nothing. After training, per-channel `latents_mean` / `latents_std` are measured on the
+training set (the per-channel form of how Stable Diffusion's 0.18215 was chosen; diffusers'
+`latents_mean` / `latents_std` config fields), so the diffusion model sees standardized latents.
 """
 from __future__ import annotations
 
@@ -64,9 +65,12 @@ class AutoencoderObjective:
         return jnp.clip(jnp.concatenate([x, recon]), -1.0, 1.0), jnp.zeros((2 * len(x),), jnp.int32)
 
 
-def scaling_factor(module, params, images: np.ndarray, batch_size: int = 500) -> float:
-    """1 / std of the posterior means over `images`: the factor that makes latents unit-variance."""
+def latent_statistics(module, params, images: np.ndarray, batch_size: int = 500) -> dict:
+    """Per-channel mean and std of the posterior means over `images`: the VAE config fields that
+    standardize the latents ((z - mean) * scaling_factor / std, with scaling_factor 1)."""
     encode = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode")[0])
     means = np.concatenate([np.asarray(encode(params, images[i:i + batch_size]))
                             for i in range(0, len(images), batch_size)])
-    return float(1.0 / means.std())
+    axes = tuple(range(means.ndim - 1))
+    return {"latents_mean": means.mean(axes).tolist(), "latents_std": means.std(axes).tolist(),
+            "scaling_factor": 1.0}

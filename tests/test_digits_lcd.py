@@ -1,0 +1,38 @@
+"""README command 1 at tiny scale: the whole digits chain (VAE -> latent cache -> teacher -> LCD ->
+the few-step table) through experiments/main.py, then a rerun that skips the finished stages."""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+
+def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    import main as entry
+
+    from configs import digits_lcd
+    from lcm_jax import teachers
+
+    config = digits_lcd.get_config("tiny")
+    results = entry.train_and_evaluate(config, str(tmp_path))
+    assert set(results) == {"lcm", "ddim", "dpm", "dpmpp", "teacher_ddim2"}
+    for name in ("lcm", "ddim", "dpm", "dpmpp"):
+        assert set(results[name]) == {"1"} and 0 <= results[name]["1"]["acc"] <= 1
+    assert results["teacher_ddim2"]["fd"] > 0
+    assert json.load(open(tmp_path / "results.json")) == results
+    assert (tmp_path / "grids" / "lcm_1.png").exists()
+    assert (tmp_path / "vae" / "export" / "config.json").exists()  # a diffusers VAE folder
+    vae_config = json.load(open(tmp_path / "vae" / "export" / "config.json"))
+    assert len(vae_config["latents_std"]) == 4
+
+    # A rerun trains neither the VAE nor the teacher again.
+    calls = []
+    monkeypatch.setattr(teachers.train, "run", lambda *a, **k: calls.append(a[1]))
+    from lcm_jax.data import make_pipeline
+
+    pipeline = make_pipeline(config.data, global_batch_size=16, seed=0)
+    teacher = teachers.train_chained(config, str(tmp_path), pipeline.arrays["image"],
+                                     pipeline.arrays["label"])
+    assert calls == [] and teacher.latent_shape == (8, 8, 4)
