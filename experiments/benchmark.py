@@ -77,6 +77,9 @@ class CachedTextConditioning:
     """Conditioning from precomputed prompt embeddings (both sides skip the text encoder)."""
     frozen = {}
 
+    def __init__(self, context: int, dim: int):
+        self.shape = (context, dim)
+
     def prepare_batch(self, batch):
         return batch
 
@@ -85,12 +88,13 @@ class CachedTextConditioning:
         return ({"encoder_hidden_states": h},
                 {"encoder_hidden_states": jnp.broadcast_to(batch["uncond_embeds"][:1], h.shape)})
 
-    def sample_conditions(self, frozen, num):
-        raise NotImplementedError
+    def sample_conditions(self, frozen, num):  # shapes for the student's init; no sampling here
+        h = jnp.zeros((num,) + self.shape)
+        return {"encoder_hidden_states": h}, {"encoder_hidden_states": h}, jnp.arange(num)
 
 
 def lcd_objective(unet_config: dict, image_side: int, params=None, lora_rank: int = 0,
-                  remat: bool = False):
+                  remat: bool = False, context: int = LCD_CONTEXT):
     """LCDObjective on a UNet teacher with cached text embeddings; params=None: abstract weights."""
     import ml_collections
 
@@ -105,7 +109,8 @@ def lcd_objective(unet_config: dict, image_side: int, params=None, lora_rank: in
     side = image_side // 8
     teacher = Teacher(models.Denoiser(teacher_module), params,
                       sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012), "epsilon",
-                      CachedTextConditioning(), (side, side, 4), student_net=models.Denoiser(student_module))
+                      CachedTextConditioning(context, unet_config["cross_attention_dim"]), (side, side, 4),
+                      student_net=models.Denoiser(student_module))
     config = ml_collections.ConfigDict(dict(
         total_steps=10 ** 6, ema_decay=EMA,
         optimizer=dict(lr=LR, warmup_steps=0, decay="constant", grad_clip=1.0, weight_decay=0.0,
@@ -248,7 +253,7 @@ def lcd_memory(batch: int = 1) -> dict:
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
     results = {}
     for name, rank in (("full", 0), ("lora_r64", 64)):
-        objective = lcd_objective(config, 512, lora_rank=rank, remat=True)
+        objective = lcd_objective(config, 512, lora_rank=rank, remat=True, context=77)
         frozen = jax.tree.map(spec, {"teacher": objective.teacher.params})
         state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
         b = jax.tree.map(spec, lcd_batch(batch, 64, 77, 768))

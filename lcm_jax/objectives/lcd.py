@@ -192,10 +192,13 @@ class LCDObjective:
         return jax.vmap(one)(keys)
 
     def latents(self, batch, frozen, posterior_noise):
+        """The batch's cached latents, or the VAE's: a posterior draw (`lcd.sample_posterior`,
+        the SD scripts' latent_dist.sample()) or the posterior mean. Use what the teacher was
+        trained on: a teacher of posterior means sees a draw as off-distribution noise."""
         if "latents" in batch:
             return batch["latents"]
-        return self.teacher.vae.encode_to_latents(frozen["vae"], batch["image"],
-                                                  noise=posterior_noise)
+        noise = posterior_noise if self.lcd.get("sample_posterior", True) else None
+        return self.teacher.vae.encode_to_latents(frozen["vae"], batch["image"], noise=noise)
 
     def loss(self, params, state: TrainState, batch, frozen, rng, axis_name=None):
         batch_size = next(iter(batch.values())).shape[0]
