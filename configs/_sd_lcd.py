@@ -5,6 +5,11 @@ The teacher is a local diffusers pipeline folder, given as the config argument:
 Nothing is downloaded: validation fails before anything compiles if the folder is missing.
 Data: captioned images, webdataset shards (LAION subsets) by default:
   --config.data.path='/data/laion/{00000..00099}.tar'   (or data.name='folder', data.path=DIR)
+
+Paper defaults (LCM, arXiv 2310.04378): w in [2, 14], k = 20 (N = 50), DDIM solver, lr 8e-6,
+batch 72, EMA 0.999943. The public scripts (used here): w in [5, 15] (SDXL [3, 15]), lr 1e-6 full /
+1e-4 LoRA, batch 12-16 per GPU, EMA 0.95, pseudo-Huber c = 0.001, LoRA alpha = rank.
+Memory of the SD 1.5 step: experiments/benchmark.py --suite lcd_memory (README).
 """
 import ml_collections
 

@@ -1,15 +1,9 @@
-r"""LCM-LoRA for SD 1.5 (r = 64, one base UNet in memory: teacher = base, student = base + LoRA).
+r"""LCM-LoRA for SD 1.5 (r = 64; one base UNet: teacher = base, student = base + LoRA).
 
-Command (a local diffusers pipeline folder; nothing is downloaded):
-  python experiments/main.py --config configs/sd15_lcm_lora.py:/path/to/stable-diffusion-v1-5 \
-      --workdir workdirs/sd15_lcm_lora --config.data.path='/data/laion/{00000..00099}.tar'
+  python experiments/main.py --config configs/sd15_lcm_lora.py:/path/to/stable-diffusion-v1-5 --workdir W
 
-Expected: the step compiles ahead of time (memory known before the first batch); on one 80 GB
-GPU or TPU host this trains at the paper's settings. Not run here (no weights on this machine);
-experiments/benchmark.py --suite lcd_memory reports the compiled memory of this step.
-Paper defaults (documented, not all used): w in [2, 14], k = 20 (N = 50), DDIM solver, lr 8e-6,
-batch 72, EMA 0.999943 (the public scripts: w in [5, 15] (SDXL [3, 15]), lr 1e-6 full / 1e-4
-LoRA, batch 12-16 per GPU, EMA 0.95, pseudo-Huber c = 0.001).
+Expected: compiles ahead of time, then trains at w in [5.0, 15.0], lr 1e-4, batch 16 (not run
+here: no weights on this machine). Data, paper defaults and memory: configs/_sd_lcd.py.
 """
 from configs._sd_lcd import lcd_config
 

@@ -30,7 +30,7 @@ def tiny_config(**lcd):
     c = digits_lcd.get_config("tiny")
     c.model.update(patch_size=2, width=32, depth=1, num_heads=2)
     c.optimizer.update(lr=1e-3, warmup_steps=0, decay="constant", eps=1e-4)
-    c.lcd.update(w_min=1.0, w_max=5.0, **lcd)
+    c.lcd.update(w_min=1.0, w_max=5.0, sample_posterior=True, **lcd)  # the reference draws
     return c
 
 

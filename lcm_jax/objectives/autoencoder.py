@@ -51,12 +51,8 @@ class AutoencoderObjective:
         rng = jax.random.fold_in(state.rng, state.step)
         (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
             state.params, batch, rng, axis_name)
-        grads, metrics = common.cross_replica_mean((grads, metrics), axis_name)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(jnp.add, state.params, updates)
-        ema = common.ema_update(state.ema_params, params, self.config.ema_decay)
-        return state.replace(step=state.step + 1, params=params, ema_params=ema,
-                             opt_state=opt_state), metrics
+        return common.apply_gradients(state, grads, metrics, self.tx, self.config.ema_decay,
+                                      axis_name)
 
     def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
         """Reconstructions (posterior means) of the first examples, next to the originals."""

@@ -39,6 +39,16 @@ def ema_update(ema_params, params, decay):
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
+def apply_gradients(state, grads, metrics: dict, tx, ema_decay: float, axis_name: str | None = None):
+    """Average over replicas, one optax update, the EMA, the step counter (+ grad_norm metric)."""
+    grads, metrics = cross_replica_mean((grads, metrics), axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(jnp.add, state.params, updates)
+    metrics = dict(metrics, grad_norm=jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema_update(state.ema_params, params, ema_decay)), metrics
+
+
 def example_keys(rng, local_batch_size: int, axis_name: str | None = None):
     """One key per example, keyed by the example's GLOBAL index: the same numbers whether the
     batch runs on one device, sharded under jit, or split over pmap replicas."""

@@ -53,13 +53,8 @@ class DiffusionObjective:
         step_rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         (loss, metrics), grads = grad_fn(state.params, batch, step_rng, axis_name)
-        grads, metrics = common.cross_replica_mean((grads, metrics), axis_name)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(jnp.add, state.params, updates)
-        ema = common.ema_update(state.ema_params, params, self.config.ema_decay)
-        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))
-        return state.replace(step=state.step + 1, params=params, ema_params=ema,
-                             opt_state=opt_state), metrics
+        return common.apply_gradients(state, grads, metrics, self.tx, self.config.ema_decay,
+                                      axis_name)
 
     def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
         """Class-conditional samples cycling through the classes: (images in [-1, 1], labels)."""
