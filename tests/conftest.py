@@ -21,3 +21,10 @@ def write_tiny_tokenizer(folder, model_max_length=None) -> int:
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
             json.dump({"model_max_length": model_max_length}, f)
     return len(tokens)
+
+
+def fast_compile(f, *args):
+    """Compile at XLA's lowest backend optimisation and run: tests that check values, not speed."""
+    import jax
+
+    return jax.jit(f).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)

@@ -17,11 +17,7 @@ from lcm_jax.models import lora
 from lcm_jax.models import vae as vae_lib
 from lcm_jax.objectives import conditioning
 from lcm_jax.objectives.lcd import LCDObjective, Teacher
-
-
-def fast_compile(f, *args):
-    """Compile at XLA's lowest backend optimisation: these tests check values, not speed."""
-    return jax.jit(f).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+from conftest import fast_compile
 
 B, IMAGE, NULL = 4, (8, 8, 1), 10
 

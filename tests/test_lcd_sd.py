@@ -13,7 +13,7 @@ from configs import sd15_lcd, sd15_lcm_lora  # noqa: E402
 from lcm_jax import config_checks, teachers  # noqa: E402
 from lcm_jax.objectives.lcd import LCDObjective  # noqa: E402
 from test_pipeline import build  # noqa: E402
-from test_unet import fast_compile  # noqa: E402
+from conftest import fast_compile  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ diffusers = pytest.importorskip("diffusers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from conftest import fast_compile  # noqa: E402
 from lcm_jax.models import convert, unet  # noqa: E402
 
 BASE = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
@@ -91,11 +92,6 @@ def test_export_round_trip_loads_in_diffusers(pair, tmp_path):
     reloaded = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path)).eval()
     x, t, kw = inputs(config, seed=5)
     np.testing.assert_array_equal(torch_forward(reloaded, x, t, kw), torch_forward(model, x, t, kw))
-
-
-def fast_compile(f, *args):
-    """Compile at XLA's lowest backend optimisation: these tests check values, not speed."""
-    return jax.jit(f).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
 
 
 def test_remat_and_bf16_switches():

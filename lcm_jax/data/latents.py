@@ -5,8 +5,6 @@ encoding. The cache holds posterior means, shifted and scaled like the diffusion
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 
@@ -17,12 +15,3 @@ def encode(vae_module, vae_params, images: np.ndarray, batch_size: int = 500) ->
         np.asarray(vae_module.encode_to_latents(vae_params, jax.numpy.asarray(images[i:i + batch_size])))
         for i in range(0, len(images), batch_size)])
 
-
-def cached(path: str, vae_module, vae_params, images: np.ndarray) -> np.ndarray:
-    """`encode`, saved to / loaded from `path` (.npy, written atomically)."""
-    if os.path.exists(path):
-        return np.load(path)
-    latents = encode(vae_module, vae_params, images)
-    np.save(path + ".tmp.npy", latents)
-    os.replace(path + ".tmp.npy", path)
-    return latents
