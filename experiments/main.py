@@ -69,7 +69,12 @@ def build_objective(config, workdir: str, pipeline):
                                              pipeline.arrays["label"])
         return LCDObjective(config, teacher)
     image_shape = train.peek(pipeline)["image"].shape[1:]
-    model = models.make_model(config.model, image_shape[-1])
+    channels = image_shape[-1]
+    if config.model.get("vae"):  # a latent model (objective 'edm'): the VAE's latent channels
+        from lcm_jax.models import convert
+
+        channels = convert.read_config(config.model.vae).get("latent_channels", 4)
+    model = models.make_model(config.model, channels)
     return objectives.make_objective(config, model, image_shape)
 
 

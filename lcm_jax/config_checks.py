@@ -19,10 +19,11 @@ from lcm_jax import data
 from lcm_jax.data import webdataset
 from lcm_jax.diffusion import samplers, solvers
 from lcm_jax.diffusion import schedule as sched
-from lcm_jax.models import MODELS
+from lcm_jax.models import MODELS, lego
 
 # The objectives registry: the names `config.objective` may take (one file each in objectives/).
-OBJECTIVES = ("diffusion", "lcd", "lcf", "tcd", "smooth")
+OBJECTIVES = ("diffusion", "lcd", "lcf", "tcd", "smooth", "edm")
+EDM_SAMPLERS = ("heun",)  # diffusion/edm.py
 PARALLEL_MODES = ("jit", "pmap")
 LCD_LOSSES = ("l2", "huber")
 LCD_TARGETS = ("ema", "online")  # objectives.lcd.TARGETS
@@ -30,8 +31,8 @@ WANDB_MODES = ("online", "offline", "disabled")
 FEW_STEP_SAMPLERS = ("lcm", "tcd")  # their steps come from the distillation grid
 VAE_FACTOR = 8  # Stable Diffusion's AutoencoderKL: 3 downsamplings
 MIN_IMAGE_SIZE = 8
-REQUIRED = ("objective", "total_steps", "batch_size", "model.name", "data.name", "optimizer.lr",
-            "diffusion.prediction_type", "diffusion.num_train_timesteps")
+REQUIRED = ("objective", "total_steps", "batch_size", "model.name", "data.name", "optimizer.lr")
+REQUIRED_DDPM = ("diffusion.prediction_type", "diffusion.num_train_timesteps")  # all but edm
 
 _MISSING = object()
 
@@ -60,7 +61,8 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
 
     problems = [*_required(config), *_names(config),
                 *_batch_and_mesh(config, device_count, process_count, local_device_count),
-                *_image_size(config), *_diffusion(config), *_optimizer(config),
+                *_image_size(config), *_diffusion(config), *_edm(config), *_lego(config),
+                *_optimizer(config),
                 *_consistency_distillation(config), *_samplers(config), *_loop(config),
                 *_paths(config, process_count)]
     if problems:
@@ -139,10 +141,16 @@ def _in_unit_interval(config, path: str, what: str, example: float):
 # ----------------------------------------------------------------------------------------------
 
 def _required(config):
-    for path in REQUIRED:
+    edm = _get(config, "objective") == "edm"
+    for path in REQUIRED + (() if edm else REQUIRED_DDPM):
         if _get(config, path, None) is None:
             yield (f"config.{path} is missing; set it (configs/digits_diffusion.py shows every "
                    f"field).")
+    if edm:
+        if _get(config, "edm", None) is None:
+            yield ("config.edm is missing; objective 'edm' needs it (configs/digits_lego.py "
+                   "shows every field).")
+        return
     if _get(config, "diffusion.beta_schedule", None) is None and \
             _get(config, "diffusion.trained_betas", None) is None:
         yield (f"config.diffusion.beta_schedule is missing; set it to one of "
@@ -230,11 +238,22 @@ def _image_size(config):
             return
         if _present(patch):
             factor, why = patch, [f"model.patch_size={patch}"]
+    elif name == "lego":
+        stack = _lego_stack(config)
+        if stack and not lego.stack_problems(stack):
+            factor, why = lego.max_tile(stack), ["the LEGO stack's tile sizes"]
     elif name == "unet":
         channels = _get(config, "model.unet.block_out_channels")  # the diffusers UNet config
         if isinstance(channels, (list, tuple)) and channels:
             factor = 2 ** (len(channels) - 1)
             why = [f"the UNet's {len(channels) - 1} downsamplings"]
+    vae_folder = _get(config, "model.vae", None)  # an EDM / LEGO latent model's frozen VAE
+    if vae_folder and os.path.isfile(os.path.join(os.path.expanduser(str(vae_folder)), "config.json")):
+        import json
+
+        with open(os.path.join(os.path.expanduser(str(vae_folder)), "config.json")) as f:
+            vae_factor = 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
+        factor, why = factor * vae_factor, why + [f"the VAE's factor {vae_factor}"]
     if _get(config, "vae", None):  # a latent model sees image_size / 8
         vae_channels = _get(config, "vae.block_out_channels")
         vae_factor = (2 ** (len(vae_channels) - 1) if isinstance(vae_channels, (list, tuple))
@@ -261,6 +280,60 @@ def _diffusion(config):
     yield from _in_unit_interval(config, "diffusion.cond_drop_prob",
                                  "the probability of dropping the condition", 0.1)
     yield from _positive(config, "diffusion.min_snr_gamma", allow_none=True)
+
+
+def _edm(config):
+    """The `edm` section (EDM-preconditioned training, LEGO's): noise distribution, dropout,
+    patch subsampling."""
+    if not _get(config, "edm", None):
+        return
+    yield from _positive(config, "edm.sigma_data")
+    yield from _positive(config, "edm.p_std")
+    yield from _in_unit_interval(config, "edm.cond_drop_prob",
+                                 "the probability of dropping the label", 0.1)
+    fraction = _get(config, "edm.tile_fraction")
+    if _present(fraction) and (not _is_real(fraction) or not 0 < fraction <= 1):
+        yield _bad("edm.tile_fraction", fraction, "must be in (0, 1] (the share of each patch "
+                   "brick's tiles computed per example)", "use 1.0 to compute all tiles, e.g. 0.5")
+    if _get(config, "objective") == "edm" and _get(config, "model.name") not in ("dit", "lego"):
+        yield _bad("model.name", _get(config, "model.name"), "is not trained by objective 'edm'",
+                   "use 'lego' or 'dit'")
+    for section in ("sample", "eval"):
+        t_break = _get(config, f"{section}.t_break")
+        if _present(t_break) and (not _is_real(t_break) or not 0 <= t_break <= 1):
+            yield _bad(f"{section}.t_break", t_break, "must be a fraction of the sampling "
+                       "trajectory in [0, 1]", "e.g. 0.5 (T/2); 0 turns skipping off")
+        if _present(t_break) and t_break and _get(config, "model.name") != "lego":
+            yield _bad(f"{section}.t_break", t_break, "skips a LEGO brick but config.model.name "
+                       f"is {_get(config, 'model.name')!r}", "set it to 0")
+
+
+def _lego_stack(config):
+    if _get(config, "model.layout", None):
+        try:
+            return lego.named_stack(_get(config, "model.layout"), _get(config, "model.size", "S"))
+        except ValueError:
+            return None
+    stack = _get(config, "model.stack", None)
+    return tuple(tuple(b) for b in stack) if isinstance(stack, (list, tuple)) else stack
+
+
+def _lego(config):
+    if _get(config, "model.name") != "lego":
+        return
+    layout = _get(config, "model.layout", None)
+    if layout:
+        try:
+            lego.named_stack(layout, _get(config, "model.size", "S"))
+        except ValueError as e:
+            yield f"config.model.layout / config.model.size: {e}"
+        return
+    stack = _lego_stack(config)
+    if not isinstance(stack, tuple):
+        yield _bad("model.stack", stack, "is not a list of bricks",
+                   "give [[r, p, depth, width, num_heads], ...] or model.layout='PG-64'")
+        return
+    yield from lego.stack_problems(stack)
 
 
 def _optimizer(config):
@@ -308,11 +381,13 @@ def _consistency_distillation(config):
 def _samplers(config):
     """config.sample and config.eval: sampler name, step count, guidance."""
     total = _get(config, "diffusion.num_train_timesteps")
+    edm = _get(config, "objective") == "edm"
     for section in ("sample", "eval"):
         if not _get(config, section, None):
             continue
         name = _get(config, f"{section}.sampler")
-        yield from _choice(config, f"{section}.sampler", samplers.SAMPLERS, "sampler")
+        yield from _choice(config, f"{section}.sampler",
+                           EDM_SAMPLERS if edm else samplers.SAMPLERS, "sampler")
         steps = _get(config, f"{section}.num_steps")
         yield from _at_least(config, f"{section}.num_steps", 1)
         if _is_int(steps) and steps >= 1:
@@ -350,6 +425,12 @@ def _paths(config, process_count: int):
             yield (f"config.model.pretrained={pretrained!r} is not a diffusers folder (no "
                    f"config.json, no unet/config.json); point it at a model folder or a "
                    f"pipeline folder saved by diffusers.")
+
+    vae_folder = _get(config, "model.vae", None)
+    if vae_folder and not os.path.isfile(os.path.join(os.path.expanduser(str(vae_folder)),
+                                                      "config.json")):
+        yield (f"config.model.vae={vae_folder!r} is not a diffusers AutoencoderKL folder (no "
+               f"config.json); point it at a local VAE folder, e.g. /path/to/sd-v1-5/vae.")
 
     name, path = _get(config, "data.name"), _get(config, "data.path", None)
     if name not in ("folder", "webdataset"):

@@ -1,6 +1,6 @@
 """Two tiny train steps on 8 simulated CPU devices in every parallel layout; prints JSON.
 
-  python tests/parallel_check.py [diffusion|lcd]
+  python tests/parallel_check.py [diffusion|lcd|lego]
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_parallel.py does).
 """
 import json
@@ -23,6 +23,17 @@ def build(objective_name, mode, data, fsdp):
         config = tiny_run.tiny_config()
         config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
         return config, *tiny_run.build(config)
+    if objective_name == "lego":  # EDM training of a tiny LEGO-PG with patch subsampling
+        import test_lego
+
+        from lcm_jax import data as data_lib
+        from lcm_jax import models, objectives
+
+        config = test_lego.digits_lego_config("pg,sub,tiny")
+        config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
+        pipeline = data_lib.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
+        model = models.make_model(config.model, 1)
+        return config, objectives.make_objective(config, model, (16, 16, 1)), pipeline
     import test_lcd  # the tiny LCD teacher: random DiT + random VAE, 8x8 digits
 
     from lcm_jax import data as data_lib
@@ -57,7 +68,8 @@ def main():
     objective = sys.argv[1] if len(sys.argv) > 1 else "diffusion"
     ref_losses, ref_params, _ = two_steps(objective, *LAYOUTS["one_device"])
     report = {}
-    # LCD's layouts: data x fsdp together, and pmap (the diffusion check covers each axis alone).
+    # LCD's and LEGO's layouts: data x fsdp together, and pmap (the diffusion check covers each
+    # axis alone).
     names = ["data8", "data2_fsdp4", "fsdp8", "pmap8"] if objective == "diffusion" else ["data2_fsdp4", "pmap8"]
     for name in names:
         layout = LAYOUTS[name]

@@ -20,9 +20,10 @@ def check(objective: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module", params=["diffusion", "lcd"])
+@pytest.fixture(scope="module", params=["diffusion", "lcd", "lego"])
 def report(request):
-    """Two steps of plain diffusion, and of LCD (frozen teacher + VAE sharded like the params)."""
+    """Two steps of plain diffusion, of LCD (frozen teacher + VAE sharded like the params), and
+    of a LEGO stack under EDM with patch subsampling (per-example tile draws)."""
     return check(request.param)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-MODELS = ("dit", "unet")
+MODELS = ("dit", "unet", "lego")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +28,16 @@ class Denoiser:
     def init(self, rng, x, t, cond, w_emb=None):
         return self.module.init(rng, x, t, **self._inputs(cond, w_emb))["params"]
 
-    def apply(self, params, x, t, cond, w_emb=None):
-        return self.module.apply({"params": params}, x, t, **self._inputs(cond, w_emb))
+    def apply(self, params, x, t, cond, w_emb=None, **kwargs):
+        """The prediction; `kwargs` go to the module (LEGO: num_bricks, to skip its top brick)."""
+        return self.module.apply({"params": params}, x, t, **self._inputs(cond, w_emb), **kwargs)
+
+    def outputs(self, params, x, t, cond, w_emb=None, **kwargs) -> list:
+        """Every supervised output: each brick's for a LEGO stack, [the prediction] otherwise."""
+        if hasattr(self.module, "outputs"):
+            return self.module.apply({"params": params}, x, t, **self._inputs(cond, w_emb),
+                                     method="outputs", **kwargs)
+        return [self.apply(params, x, t, cond, w_emb, **kwargs)]
 
 
 def make_model(model_config, in_channels: int, time_cond_proj_dim: int | None = None) -> Denoiser:
@@ -39,6 +47,10 @@ def make_model(model_config, in_channels: int, time_cond_proj_dim: int | None = 
         from lcm_jax.models import dit
 
         return Denoiser(dit.from_config(model_config, in_channels, time_cond_proj_dim), "labels")
+    if name == "lego":
+        from lcm_jax.models import lego
+
+        return Denoiser(lego.from_config(model_config, in_channels, time_cond_proj_dim), "labels")
     if name == "unet":
         import jax.numpy as jnp
 

@@ -11,8 +11,12 @@ def make_objective(config, model, image_shape):
         from lcm_jax.objectives.diffusion import DiffusionObjective
 
         return DiffusionObjective(config, model, image_shape)
+    if name == "edm":  # EDM-preconditioned training: LEGO stacks (every brick supervised), DiT
+        from lcm_jax.objectives.edm import EDMObjective
+
+        return EDMObjective(config, model, image_shape)
     if name == "lcd":
         raise ValueError("config.objective='lcd' distils a teacher: build it with "
                          "lcm_jax.objectives.lcd.LCDObjective(config, lcm_jax.teachers.from_pretrained("
                          "config)) (experiments/main.py does).")
-    raise ValueError(f"config.objective={name!r} is not implemented yet; available: 'diffusion', 'lcd'.")
+    raise ValueError(f"config.objective={name!r} is not implemented yet; available: 'diffusion', 'edm', 'lcd'.")

@@ -1,0 +1,179 @@
+"""EDM-preconditioned diffusion from scratch for any Denoiser, with LEGO's per-brick supervision.
+
+What LEGO's public code trains with (the paper's Eq. 12 in EDM form): x = x0 + sigma n with
+ln sigma ~ N(P_mean, P_std^2); every network output F_k is supervised towards
+(x0 - c_skip x) / c_out with the same weight, averaged over outputs (the paper's lambda_t^(k) is
+EDM's lambda(sigma) = 1 / c_out^2 for every brick; see diffusion/edm.py). A DiT has one output, a
+LEGO stack one per brick. Labels are dropped to the null class with `edm.cond_drop_prob`.
+
+Patch subsampling (`edm.tile_fraction` < 1, the paper's, absent from its public code): brick k
+computes a random subset of round(fraction n_k) of its n_k tiles per example; its other tiles take
+their ground truth (so the next brick reads them, as the paper fills missing lower-brick outputs
+from x0) and carry no loss. Bricks with a single tile (image bricks) are always computed whole.
+
+Latent models (`config.model.vae`: a local diffusers AutoencoderKL folder, frozen): the step
+encodes the batch's images (a posterior draw, as DiT and LEGO train) unless the batch carries
+cached `latents`; samples are decoded.
+
+Sampling: EDM's deterministic Heun sampler with classifier-free guidance on D. `t_break` (a fraction
+of the sampling trajectory, 0 = no skipping) drops the top brick of a LEGO stack for that share of
+the steps: the last ones (low noise) when the top brick is global (PG, U), the first ones (high
+noise) when it is a finer patch brick (PR); see `skip_schedule`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm_jax.diffusion import edm
+from lcm_jax.diffusion import samplers
+from lcm_jax.models import lego
+from lcm_jax.objectives import common
+from lcm_jax.train import TrainState
+
+
+def skip_schedule(num_steps: int, t_break: float, phase: str) -> tuple[int, int]:
+    """How `num_steps` sampling steps split into two segments (first, second), in sampling order.
+
+    The top brick is skipped for round(t_break num_steps) steps: the second segment for phase
+    'low_noise' (t < t_break, PG), the first for 'high_noise' (t > T - t_break, PR). A step's
+    two Heun evaluations use the bricks of the step's start."""
+    if not 0.0 <= t_break <= 1.0:
+        raise ValueError(f"t_break={t_break} must be a fraction of the trajectory in [0, 1].")
+    skipped = int(round(t_break * num_steps))
+    return (num_steps - skipped, skipped) if phase == "low_noise" else (skipped, num_steps - skipped)
+
+
+class EDMObjective:
+    def __init__(self, config, model, image_shape):
+        self.config, self.model = config, model
+        self.image_shape = tuple(image_shape)  # (H, W, C) of training
+        self.edm = config.edm
+        self.sigma_data = self.edm.get("sigma_data", edm.SIGMA_DATA)
+        self.null_class = config.model.num_classes
+        self.tx = common.make_optimizer(config.optimizer, config.total_steps)
+        self.stack = getattr(model.module, "stack", None)  # LEGO bricks, or None
+        self.frozen = {}  # trained from scratch; a latent model's frozen VAE
+        self.vae = None
+        if config.model.get("vae"):
+            from lcm_jax.models import vae as vae_lib
+
+            self.vae, self.frozen["vae"] = vae_lib.from_pretrained(config.model.vae)
+            f, (h, w, _) = self.vae.config.factor, self.image_shape
+            self.image_shape = (h // f, w // f, self.vae.config.latent_channels)
+
+    # -- what the loop needs ----------------------------------------------------------------
+    def init_state(self, rng, frozen=None) -> TrainState:
+        init_rng, rng = jax.random.split(rng)
+        x = jnp.zeros((1,) + self.image_shape)
+        labels = jnp.zeros((1,), jnp.int32) if self.null_class else None
+        params = self.model.init(init_rng, x, jnp.zeros((1,)), labels)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                          opt_state=self.tx.init(params), rng=rng)
+
+    def train_step(self, state: TrainState, batch, frozen=None, axis_name: str | None = None):
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+        (_, metrics), grads = grad_fn(state.params, batch, step_rng, axis_name, frozen)
+        return common.apply_gradients(state, grads, metrics, self.tx, self.config.ema_decay,
+                                      axis_name)
+
+    def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
+        """Class-conditional samples cycling through the classes: (images in [-1, 1], labels)."""
+        labels = (jnp.arange(num_images, dtype=jnp.int32) % self.null_class if self.null_class
+                  else jnp.zeros((num_images,), jnp.int32))  # unconditional: 0 for the grids
+        x = self.sample(params, rng, labels, sample_config)
+        if self.vae is not None:
+            x = self.vae.decode_latents(frozen["vae"], x)
+        return jnp.clip(x, -1.0, 1.0), labels
+
+    # -- the math ---------------------------------------------------------------------------
+    def tile_counts(self) -> list[int | None]:
+        """Per brick, how many tiles training computes (None: all of them)."""
+        fraction = self.edm.get("tile_fraction", 1.0)
+        if self.stack is None or fraction >= 1.0:
+            return [None] * (len(self.stack) if self.stack else 1)
+        h, w, _ = self.image_shape
+        counts = []
+        for brick in self.stack:
+            n = lego.num_tiles(brick, h, w)
+            counts.append(None if n == 1 else max(1, int(round(fraction * n))))
+        return counts
+
+    def clean(self, batch, frozen, draw):
+        """x0: cached latents, the VAE's posterior draw of the images, or the images."""
+        if "latents" in batch:
+            return batch["latents"].astype(jnp.float32)
+        if self.vae is None:
+            return batch["image"].astype(jnp.float32)
+        noise = draw(3 + len(self.stack or ()), lambda k: jax.random.normal(k, self.image_shape))
+        return self.vae.encode_to_latents(frozen["vae"], batch["image"], noise=noise)
+
+    def loss(self, params, batch, rng, axis_name=None, frozen=None):
+        b = batch["latents" if "latents" in batch else "image"].shape[0]
+        keys = common.example_keys(rng, b, axis_name)
+        draw = lambda i, f: jax.vmap(lambda k: f(jax.random.fold_in(k, i)))(keys)
+        x0 = self.clean(batch, frozen, draw)
+        sigma = draw(0, lambda k: edm.training_sigma(k, (), self.edm.get("p_mean", edm.P_MEAN),
+                                                     self.edm.get("p_std", edm.P_STD)))
+        noise = draw(1, lambda k: jax.random.normal(k, x0.shape[1:]))
+        labels = None  # an unconditional model (num_classes = 0)
+        if self.null_class:
+            drop = draw(2, lambda k: jax.random.bernoulli(k, self.edm.cond_drop_prob))
+            labels = jnp.where(drop, self.null_class, batch["label"])
+        x = x0 + sigma[:, None, None, None] * noise
+        target = edm.network_target(x0, x, sigma, self.sigma_data)
+        c_skip, c_out, c_in, c_noise = edm.preconditioning(sigma, self.sigma_data)
+        kwargs = {}
+        counts = self.tile_counts()
+        if any(m is not None for m in counts):
+            h, w, _ = self.image_shape
+            kwargs = dict(fill=target, tiles=[
+                None if m is None else draw(3 + k, lambda key, n=lego.num_tiles(brick, h, w), m=m:
+                                            jax.random.permutation(key, n)[:m])
+                for k, (brick, m) in enumerate(zip(self.stack, counts))])
+        outs = self.model.outputs(params, c_in[:, None, None, None] * x, c_noise, labels, **kwargs)
+        # Uncomputed tiles equal the target exactly: the mean over all pixels / the computed share
+        # is the mean over the computed tiles.
+        shares = [1.0 if m is None else m / lego.num_tiles(brick, *self.image_shape[:2])
+                  for brick, m in zip(self.stack or [None], counts)]
+        per_brick = [jnp.mean((out - target) ** 2) / share for out, share in zip(outs, shares)]
+        loss = jnp.mean(jnp.stack(per_brick))
+        metrics = {"loss": loss}
+        if len(per_brick) > 1:
+            metrics.update({f"loss_brick{k}": l for k, l in enumerate(per_brick)})
+        return loss, metrics
+
+    def denoise_fn(self, params, labels, guidance_scale: float, num_bricks: int | None = None):
+        """D(x, sigma) under classifier-free guidance (one batched call of 2B)."""
+        kwargs = {} if num_bricks is None else {"num_bricks": num_bricks}
+        net = lambda x, c_noise, y: self.model.apply(params, x, c_noise, y, **kwargs)
+        denoise = edm.denoiser(net, self.sigma_data)
+        if not self.null_class:  # unconditional
+            return lambda x, sigma: denoise(x, sigma, None)
+        return samplers.guided(denoise, labels, jnp.full_like(labels, self.null_class),
+                               guidance_scale)
+
+    def sample(self, params, rng, labels, sample_config, shape=None):
+        """Heun samples (unclipped; latents for a latent model) for `labels` on a canvas `shape`
+        (H, W, C; default the training one), skipping the top brick for the share
+        `sample_config.t_break` of the steps."""
+        shape = tuple(shape or self.image_shape)
+        sigmas = edm.karras_sigmas(sample_config.num_steps,
+                                   sample_config.get("sigma_min", edm.SIGMA_MIN),
+                                   sample_config.get("sigma_max", edm.SIGMA_MAX))
+        x = jax.random.normal(rng, (labels.shape[0],) + shape) * sigmas[0]
+        g = sample_config.guidance_scale
+        full = self.denoise_fn(params, labels, g)
+        t_break = sample_config.get("t_break", 0.0)
+        if self.stack is None or not t_break:
+            return edm.heun(full, x, sigmas)
+        phase = lego.skip_phase(self.stack)
+        reduced = self.denoise_fn(params, labels, g, num_bricks=len(self.stack) - 1)
+        first, _ = skip_schedule(sample_config.num_steps, t_break, phase)
+        fns = (full, reduced) if phase == "low_noise" else (reduced, full)
+        for fn, part in zip(fns, (sigmas[:first + 1], sigmas[first:])):
+            if len(part) > 1:
+                x = edm.heun(fn, x, part)
+        return x
