@@ -28,6 +28,8 @@ setup(
     ],
     extras_require={
         # torch + diffusers are test-time references only: lcm_jax never imports them.
-        "dev": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "peft"],
+        # nbclient + ipykernel + matplotlib run notebooks/ in the tests.
+        "dev": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "peft", "nbclient",
+                "nbformat", "ipykernel", "matplotlib"],
     },
 )
