@@ -12,6 +12,9 @@ Suites:
                UNet2DConditionModel), same tiny UNet config, same batch, same CPU, one run.
   lcd_memory   XLA's compiled peak memory of the full LCD step vs the LCM-LoRA step (one base
                UNet) for SD 1.5 at 512^2 (abstract weights: nothing runs).
+  lego_memory  the paper-scale LEGO configs (configs/lego_imagenet64.py pg / pr, lego_imagenet256.py
+               on 32x32x4 latents, lego_celeba64.py pg): XLA's compiled memory and FLOPs per
+               image of ONE train step at a per-device batch (abstract weights: nothing runs).
 """
 import argparse
 import json
@@ -266,7 +269,37 @@ def lcd_memory(batch: int = 1) -> dict:
     return results
 
 
-SUITES = {"unet_memory": unet_memory, "lcd_step": lcd_step, "lcd_memory": lcd_memory}
+def lego_memory(batch: int = 32) -> dict:
+    """Train-step memory and FLOPs of the paper-scale LEGO configs, per device at `batch`."""
+    import importlib
+
+    from lcm_jax import config_checks, models, objectives
+
+    cases = {"imagenet64_pg_L": ("lego_imagenet64", "pg", (64, 64, 3)),
+             "imagenet64_pr_L": ("lego_imagenet64", "pr", (64, 64, 3)),
+             "imagenet256_u_XL_latent": ("lego_imagenet256", "", (32, 32, 4)),
+             "celeba64_pg_S": ("lego_celeba64", "pg", (64, 64, 3))}
+    results = {}
+    for name, (module_name, arg, shape) in cases.items():
+        config = importlib.import_module(f"configs.{module_name}").get_config(arg)
+        config_checks.validate(config, device_count=1)
+        objective = objectives.make_objective(config, models.make_model(config.model, shape[-1]), shape)
+        state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0))
+        key = "latents" if shape[-1] == 4 else "image"
+        batch_spec = {key: jax.ShapeDtypeStruct((batch,) + shape, jnp.float32),
+                      "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+        memory = compiled_memory(objective.train_step, state, batch_spec, donate_argnums=0)
+        lowered = jax.jit(objective.train_step).lower(state, batch_spec)  # HLO FLOPs, no compile
+        results[name] = dict(memory, batch=batch,
+                             params=int(sum(x.size for x in jax.tree.leaves(state.params))),
+                             train_gflops_per_image=round(
+                                 lowered.cost_analysis()["flops"] / batch / 1e9, 2))
+        print(name, results[name], flush=True)
+    return results
+
+
+SUITES = {"unet_memory": unet_memory, "lcd_step": lcd_step, "lcd_memory": lcd_memory,
+          "lego_memory": lego_memory}
 
 
 def main():

@@ -108,6 +108,30 @@ class FinalLayer(nn.Module):
                         kernel_init=zeros, name="linear")(x)
 
 
+def condition_embedding(t, labels, timestep_cond, *, batch: int, width: int, num_classes: int,
+                        time_cond_proj_dim: int | None, dtype):
+    """c [B, width] = t_embedder(sincos(t) + cond_proj(w-embedding)) + y_embedder(labels), shared
+    by DiT and LEGO. Call it inside a compact method: its submodules are the caller's
+    (cond_proj, t_embedder, y_embedder). labels None means the null class."""
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
+    t_freq = timestep_embedding(t, FREQ_DIM)
+    if (timestep_cond is None) != (time_cond_proj_dim is None):
+        raise ValueError("timestep_cond (the w-embedding) must be given exactly when the model "
+                         "has time_cond_proj_dim.")
+    if timestep_cond is not None:  # as the SD UNet's cond_proj: added before the timestep MLP
+        t_freq = t_freq + nn.Dense(FREQ_DIM, use_bias=False, dtype=dtype, kernel_init=zeros,
+                                   name="cond_proj")(timestep_cond)
+    c = TimestepEmbedding(width, dtype=dtype, name="t_embedder")(t_freq)
+    if num_classes:
+        if labels is None:
+            labels = jnp.full((batch,), num_classes, jnp.int32)  # the null class
+        c = c + nn.Embed(num_classes + 1, width, dtype=dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="y_embedder")(labels)
+    elif labels is not None:
+        raise ValueError("labels were given to an unconditional model (num_classes=0).")
+    return c
+
+
 def pos_embed(h: int, w: int, width: int, dtype):
     """Fixed sin-cos positions of an h x w token grid as [1, h * w, width]."""
     return jnp.asarray(sincos_2d(h, w, width), dtype)[None]
@@ -158,23 +182,9 @@ class DiT(nn.Module):
                     kernel_init=patch_init, name="x_embedder")(x)
         x = x.reshape(b, h * w, self.width) + pos_embed(h, w, self.width, x.dtype)
 
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
-        t_freq = timestep_embedding(t, FREQ_DIM)
-        if (timestep_cond is None) != (self.time_cond_proj_dim is None):
-            raise ValueError("timestep_cond (the w-embedding) must be given exactly when the DiT "
-                             "has time_cond_proj_dim.")
-        if timestep_cond is not None:  # as the SD UNet's cond_proj: added before the timestep MLP
-            t_freq = t_freq + nn.Dense(FREQ_DIM, use_bias=False, dtype=self.dtype,
-                                       kernel_init=zeros, name="cond_proj")(timestep_cond)
-        c = TimestepEmbedding(self.width, dtype=self.dtype, name="t_embedder")(t_freq)
-        if self.num_classes:
-            if labels is None:
-                labels = jnp.full((b,), self.null_class, jnp.int32)
-            c = c + nn.Embed(self.num_classes + 1, self.width, dtype=self.dtype,
-                             embedding_init=nn.initializers.normal(0.02),
-                             name="y_embedder")(labels)
-        elif labels is not None:
-            raise ValueError("labels were given to an unconditional DiT (num_classes=0).")
+        c = condition_embedding(t, labels, timestep_cond, batch=b, width=self.width,
+                                num_classes=self.num_classes,
+                                time_cond_proj_dim=self.time_cond_proj_dim, dtype=self.dtype)
 
         # Explicit names keep the param tree identical with and without remat.
         block = nn.remat(DiTBlock) if self.remat else DiTBlock

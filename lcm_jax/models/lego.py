@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax.models.dit import FREQ_DIM, DiTBlock, FinalLayer, pos_embed, unpatchify
-from lcm_jax.models.embeddings import TimestepEmbedding, timestep_embedding
+from lcm_jax.models.dit import DiTBlock, FinalLayer, condition_embedding, pos_embed, unpatchify
 
 BRICK_FIELDS = ("resolution", "patch", "depth", "width", "num_heads")
 
@@ -118,29 +117,6 @@ class LEGO(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
-    def _condition(self, t, labels, timestep_cond, batch: int):
-        """The shared time (+ w-embedding) + class embedding [B, cond_width]."""
-        width = self.cond_width or max(b[3] for b in self.stack)
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
-        t_freq = timestep_embedding(t, FREQ_DIM)
-        if (timestep_cond is None) != (self.time_cond_proj_dim is None):
-            raise ValueError("timestep_cond (the w-embedding) must be given exactly when the LEGO "
-                             "stack has time_cond_proj_dim.")
-        if timestep_cond is not None:
-            t_freq = t_freq + nn.Dense(FREQ_DIM, use_bias=False, dtype=self.dtype,
-                                       kernel_init=nn.initializers.zeros,
-                                       name="cond_proj")(timestep_cond)
-        c = TimestepEmbedding(width, dtype=self.dtype, name="t_embedder")(t_freq)
-        if self.num_classes:
-            if labels is None:
-                labels = jnp.full((batch,), self.null_class, jnp.int32)
-            c = c + nn.Embed(self.num_classes + 1, width, dtype=self.dtype,
-                             embedding_init=nn.initializers.normal(0.02),
-                             name="y_embedder")(labels)
-        elif labels is not None:
-            raise ValueError("labels were given to an unconditional LEGO stack (num_classes=0).")
-        return c
-
     def __call__(self, x, t, labels=None, timestep_cond=None, num_bricks: int | None = None):
         return self.outputs(x, t, labels, timestep_cond, num_bricks=num_bricks)[-1]
 
@@ -161,7 +137,10 @@ class LEGO(nn.Module):
         count = len(self.stack) if num_bricks is None else num_bricks
         if not 1 <= count <= len(self.stack):
             raise ValueError(f"num_bricks={num_bricks}: run between 1 and {len(self.stack)} bricks.")
-        c = self._condition(t, labels, timestep_cond, b)
+        c = condition_embedding(t, labels, timestep_cond, batch=b,
+                                width=self.cond_width or max(brick[3] for brick in self.stack),
+                                num_classes=self.num_classes,
+                                time_cond_proj_dim=self.time_cond_proj_dim, dtype=self.dtype)
         coords = jnp.broadcast_to(jnp.asarray(coordinate_channels(height, width), x.dtype),
                                   (b, height, width, 2))
         prev, outs = None, []
