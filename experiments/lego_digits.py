@@ -1,0 +1,196 @@
+r"""LEGO bricks on the embedded digits: LEGO-PG, LEGO-PR and a DiT baseline, trained from scratch
+for the same steps, then compared on FD-digits, accuracy, training FLOPs and sampling time, with
+the t_break sweep and generation on canvases larger than the training one.
+
+  python experiments/lego_digits.py --out workdirs/lego_digits \
+      [--models pg,pr,dit,pg_sub,dit_eqflops] [--t_breaks 0,0.25,0.5,0.75] [--repeats 3]
+
+Each model trains in OUT/NAME with configs/digits_lego.py:NAME (',' for '_'; resumable, a finished
+one is only restored); `dit_eqflops` is the DiT trained for as many steps as spend the training
+FLOPs of LEGO-PR's run (`--equal_flops_to`), with its learning-rate schedule over those steps.
+Then, side by side in this one process, for every model and t_break (LEGO models only; t_break is
+the share of the 18 Heun steps without the top brick): 500 class-conditional samples from the
+same noise, their FD-digits and accuracy, and the wall time to draw them (compiled, median of
+`repeats` runs). Training FLOPs per image and the denoiser's FLOPs per evaluation with and
+without the top brick come from XLA's cost analysis. Grids of 16x32 and 32x32 canvases go to
+OUT/canvas_NAME_HxW.png. Results: OUT/results.json, and a markdown table on stdout.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build(name: str, total_steps: int | None = None):
+    import jax
+
+    from configs import digits_lego
+    from lcm_jax import config_checks, data, models, objectives, train
+
+    config = digits_lego.get_config(name.replace("_", ","))
+    config.wandb.mode = "disabled"
+    if total_steps:
+        config.total_steps = total_steps
+    config_checks.validate(config)
+    pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size,
+                                  seed=config.seed, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    image_shape = train.peek(pipeline)["image"].shape[1:]
+    model = models.make_model(config.model, image_shape[-1])
+    return config, objectives.make_objective(config, model, image_shape), pipeline
+
+
+def train_flops_per_image(config, objective, pipeline) -> float:
+    """XLA's FLOP count of one compiled train step, over the batch."""
+    import jax
+
+    from lcm_jax import train
+
+    state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), {})
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in train.peek(pipeline).items()
+             if v.dtype.kind not in "USO"}
+    step = jax.jit(lambda s, b: objective.train_step(s, b, {})).lower(state, batch).compile()
+    return step.cost_analysis()["flops"] / config.batch_size
+
+
+def evaluation_flops(objective, params, shape, num_bricks=None) -> float:
+    """XLA's FLOP count of one network evaluation (one image, conditional branch only)."""
+    import jax
+    import jax.numpy as jnp
+
+    kwargs = {} if num_bricks is None else {"num_bricks": num_bricks}
+    f = lambda p, x: objective.model.apply(p, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), **kwargs)
+    x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+    return jax.jit(f).lower(params, x).compile().cost_analysis()["flops"]
+
+
+def timed_evaluation(objective, params, eval_config, evaluator, seed, repeats):
+    """(FD / accuracy of eval_config.num_samples samples, median seconds to draw them)."""
+    from lcm_jax.eval import sampling
+
+    def draw():
+        t0 = time.perf_counter()
+        images, labels = sampling.class_conditional_samples(
+            objective.sample_fn, params, {}, eval_config, eval_config.num_samples,
+            eval_config.batch_size, seed)
+        return images, labels, time.perf_counter() - t0
+
+    images, labels, _ = draw()  # compiles
+    seconds = statistics.median(draw()[2] for _ in range(repeats))
+    return evaluator.evaluate(images, labels), seconds
+
+
+def canvases(objective, params, eval_config, out: str, name: str):
+    """Class-conditional grids on canvases 2x wider and 2x larger than the training one."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from PIL import Image
+
+    from lcm_jax import train
+
+    h, w, c = objective.image_shape
+    paths = []
+    for shape in ((h, 2 * w, c), (2 * h, 2 * w, c)):
+        labels = jnp.arange(20, dtype=jnp.int32) % 10
+        images = jax.jit(lambda p, rng: objective.sample(p, rng, labels, eval_config, shape=shape))(
+            params, jax.random.PRNGKey(7))
+        grid = train.image_grid(np.asarray(images), columns=10)
+        path = os.path.join(out, f"canvas_{name}_{shape[0]}x{shape[1]}.png")
+        Image.fromarray(grid.squeeze(-1)).resize((grid.shape[1] * 3, grid.shape[0] * 3),
+                                                 Image.NEAREST).save(path)
+        paths.append(path)
+    return paths
+
+
+def equal_flops_steps(name: str, reference: str) -> int:
+    """Steps at which model `name` has spent the training FLOPs of `reference`'s full run."""
+    (config, *built), (ref_config, *ref_built) = build(name), build(reference)
+    ratio = train_flops_per_image(ref_config, *ref_built) / train_flops_per_image(config, *built)
+    return int(round(ref_config.total_steps * ref_config.batch_size * ratio / config.batch_size))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default="pg,pr,dit,pg_sub,dit_eqflops",
+                        help="NAME_eqflops: NAME trained for the FLOPs of --equal_flops_to's run")
+    parser.add_argument("--equal_flops_to", default="pr")
+    parser.add_argument("--t_breaks", default="0,0.25,0.5,0.75")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+    import jax
+
+    from lcm_jax import train
+    from lcm_jax.eval import digits_metrics
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    t_breaks = [float(t) for t in args.t_breaks.split(",")]
+    evaluator = None
+    for name in args.models.split(","):
+        steps = equal_flops_steps(name.split("_eqflops")[0], args.equal_flops_to) \
+            if name.endswith("_eqflops") else None
+        config, objective, pipeline = build(name.split("_eqflops")[0], steps)
+        final = train.run(config, os.path.join(args.out, name), objective, pipeline)
+        params = final.ema_params
+        evaluator = evaluator or digits_metrics.DigitsEvaluator(config.data.image_size, 1)
+        shape = objective.image_shape
+        entry = {
+            "params": int(sum(x.size for x in jax.tree.leaves(params))),
+            "train_flops_per_image": train_flops_per_image(config, objective, pipeline),
+            "steps": config.total_steps,
+            "train_images": config.total_steps * config.batch_size,
+            "eval_flops": evaluation_flops(objective, params, shape),
+            "sweep": {}}
+        if objective.stack is not None:
+            entry["eval_flops_top_skipped"] = evaluation_flops(objective, params, shape,
+                                                               len(objective.stack) - 1)
+        for t_break in (t_breaks if objective.stack is not None else [0.0]):
+            eval_config = config.eval.copy_and_resolve_references()
+            eval_config.t_break = t_break
+            metrics, seconds = timed_evaluation(objective, params, eval_config, evaluator,
+                                                config.seed, args.repeats)
+            entry["sweep"][str(t_break)] = dict(metrics, seconds=seconds)
+            print(name, t_break, entry["sweep"][str(t_break)], flush=True)
+        entry["canvases"] = canvases(objective, params, config.eval, args.out, name)
+        results[name] = entry
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(path + ".tmp", path)
+    print(tables(results, t_breaks))
+
+
+def tables(results: dict, t_breaks) -> str:
+    lines = ["| model | params | training steps | train GFLOP / image | train TFLOP total | "
+             "FD-digits | accuracy | sampling s / 500 |", "|---|---|---|---|---|---|---|---|"]
+    for name, e in results.items():
+        s = e["sweep"]["0.0"]
+        total = e["train_flops_per_image"] * e["train_images"] / 1e12
+        lines.append(f"| {name} | {e['params']:,} | {e['steps']:,} | "
+                     f"{e['train_flops_per_image'] / 1e9:.4f} | {total:.1f} | {s['fd']:.2f} | "
+                     f"{s['acc']:.3f} | {s['seconds']:.2f} |")
+    lines += ["", "t_break sweep: FD-digits (accuracy) / seconds for 500 images; MFLOP per "
+              "evaluation with / without the top brick", "",
+              "| model | MFLOP | " + " | ".join(f"t_break = {t:g} T" for t in t_breaks) + " |",
+              "|---|---|" + "---|" * len(t_breaks)]
+    for name, e in results.items():
+        if "eval_flops_top_skipped" not in e:
+            continue
+        cells = [e["sweep"].get(str(t)) for t in t_breaks]
+        lines.append(f"| {name} | {e['eval_flops'] / 1e6:.2f} / {e['eval_flops_top_skipped'] / 1e6:.2f} | "
+                     + " | ".join(f"{c['fd']:.2f} ({c['acc']:.3f}) / {c['seconds']:.2f} s" if c else "-"
+                                  for c in cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
