@@ -3,15 +3,15 @@ for the same steps, then compared on FD-digits, accuracy, training FLOPs and sam
 the t_break sweep and generation on canvases larger than the training one.
 
   python experiments/lego_digits.py --out workdirs/lego_digits \
-      [--models pg,pr,dit,pg_sub,dit_eqflops] [--t_breaks 0,0.25,0.5,0.75] [--repeats 3]
+      [--models pg,pr,dit,pg_sub,dit_eqflops] [--sweep pg,pr] [--t_breaks 0,0.25,0.5,0.75]
 
 Each model trains in OUT/NAME with configs/digits_lego.py:NAME (',' for '_'; resumable, a finished
 one is only restored); `dit_eqflops` is the DiT trained for as many steps as spend the training
 FLOPs of LEGO-PR's run (`--equal_flops_to`), with its learning-rate schedule over those steps.
-Then, side by side in this one process, for every model and t_break (LEGO models only; t_break is
-the share of the 18 Heun steps without the top brick): 500 class-conditional samples from the
-same noise, their FD-digits and accuracy, and the wall time to draw them (compiled, median of
-`repeats` runs). Training FLOPs per image and the denoiser's FLOPs per evaluation with and
+Then, side by side in this one process, for every model (and every t_break for the models in
+--sweep; t_break is the share of the 18 Heun steps without the top brick): 500 class-conditional
+samples from the same noise, their FD-digits and accuracy, and the wall time to draw them
+(compiled: one draw compiles, then the median of `repeats` timed draws). Training FLOPs per image and the denoiser's FLOPs per evaluation with and
 without the top brick come from XLA's cost analysis. Grids of 16x32 and 32x32 canvases go to
 OUT/canvas_NAME_HxW.png. Results: OUT/results.json, and a markdown table on stdout.
 """
@@ -25,13 +25,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+TINY = ""  # ",tiny" under --tiny: seconds-long models (tests/test_lego.py runs the recipe so)
+
+
 def build(name: str, total_steps: int | None = None):
     import jax
 
     from configs import digits_lego
     from lcm_jax import config_checks, data, models, objectives, train
 
-    config = digits_lego.get_config(name.replace("_", ","))
+    config = digits_lego.get_config(name.replace("_", ",") + TINY)
     config.wandb.mode = "disabled"
     if total_steps:
         config.total_steps = total_steps
@@ -96,7 +99,7 @@ def canvases(objective, params, eval_config, out: str, name: str):
     h, w, c = objective.image_shape
     paths = []
     for shape in ((h, 2 * w, c), (2 * h, 2 * w, c)):
-        labels = jnp.arange(20, dtype=jnp.int32) % 10
+        labels = jnp.arange(20, dtype=jnp.int32) % objective.null_class
         images = jax.jit(lambda p, rng: objective.sample(p, rng, labels, eval_config, shape=shape))(
             params, jax.random.PRNGKey(7))
         grid = train.image_grid(np.asarray(images), columns=10)
@@ -114,7 +117,7 @@ def equal_flops_steps(name: str, reference: str) -> int:
     return int(round(ref_config.total_steps * ref_config.batch_size * ratio / config.batch_size))
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -122,8 +125,12 @@ def main():
                         help="NAME_eqflops: NAME trained for the FLOPs of --equal_flops_to's run")
     parser.add_argument("--equal_flops_to", default="pr")
     parser.add_argument("--t_breaks", default="0,0.25,0.5,0.75")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--sweep", default="pg,pr", help="the models that get the t_break sweep")
+    parser.add_argument("--repeats", type=int, default=1, help="timed draws after the compiling one")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long models (the tests)")
+    args = parser.parse_args(argv)
+    global TINY
+    TINY = ",tiny" if args.tiny else ""
     os.environ.setdefault("WANDB_MODE", "disabled")
 
     import jax
@@ -154,7 +161,7 @@ def main():
         if objective.stack is not None:
             entry["eval_flops_top_skipped"] = evaluation_flops(objective, params, shape,
                                                                len(objective.stack) - 1)
-        for t_break in (t_breaks if objective.stack is not None else [0.0]):
+        for t_break in (t_breaks if name in args.sweep.split(",") else [0.0]):
             eval_config = config.eval.copy_and_resolve_references()
             eval_config.t_break = t_break
             metrics, seconds = timed_evaluation(objective, params, eval_config, evaluator,
@@ -167,6 +174,7 @@ def main():
             json.dump(results, f, indent=2)
         os.replace(path + ".tmp", path)
     print(tables(results, t_breaks))
+    return results
 
 
 def tables(results: dict, t_breaks) -> str:
