@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lcm_jax.diffusion import edm
 from lcm_jax.diffusion import samplers
