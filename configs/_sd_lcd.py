@@ -1,4 +1,5 @@
-"""Shared builder of the Stable Diffusion LCD configs (sd15_lcd.py, sd21_*_lcd.py, *_lcm_lora.py).
+"""Shared builder of the Stable Diffusion consistency configs: LCD (sd15_lcd.py, sd21_*_lcd.py,
+*_lcm_lora.py), TCD (sd15_tcd.py, sdxl_tcd_lora.py) and LCF (sd15_lcf.py).
 
 The teacher is a local diffusers pipeline folder, given as the config argument:
   --config configs/sd15_lcd.py:/path/to/stable-diffusion-v1-5
@@ -23,10 +24,13 @@ PROMPTS = ("a photo of an astronaut riding a horse on mars",
 
 def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_rank: int = 0,
                w_min: float = 5.0, w_max: float = 15.0, lr: float = 1e-6,
-               batch_size: int = 16) -> ml_collections.ConfigDict:
+               batch_size: int = 16, objective: str = "lcd", loss: str = "huber",
+               sampler: str = "lcm", ema_decay: float = 0.95) -> ml_collections.ConfigDict:
+    """objective 'lcd', 'tcd' (the same step through TCD's trajectory function) or 'lcf' (the
+    folder is an LCM, fine-tuned without a teacher); sampler 'lcm' or 'tcd' (gamma 0.3)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.objective = "lcd"
+    c.objective = objective
     c.total_steps = 4000 if lora_rank else 10_000
     c.batch_size = batch_size
     c.data = ml_collections.ConfigDict(dict(
@@ -39,12 +43,12 @@ def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_r
         num_train_timesteps=1000, prediction_type=prediction_type))
     c.lcd = ml_collections.ConfigDict(dict(
         num_ddim_timesteps=50, solver="ddim", w_min=w_min, w_max=w_max, w_embedding_dim=256,
-        loss="huber", huber_c=0.001, target="online" if lora_rank else "ema",
+        loss=loss, huber_c=0.001, target="online" if lora_rank else "ema",
         sigma_data=0.5, timestep_scaling=10.0, zero_init_cond_proj=True,
         sample_posterior=True,  # latent_dist.sample(), as the SD LCD scripts
         lora=ml_collections.ConfigDict(dict(rank=lora_rank, alpha=float(lora_rank),
                                             targets=LCM_LORA_TARGETS)) if lora_rank else None))
-    c.ema_decay = 0.0 if lora_rank else 0.95  # LoRA: no EMA (samples show the live adapters)
+    c.ema_decay = 0.0 if lora_rank else ema_decay  # LoRA: no EMA (samples show the live adapters)
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=lr, warmup_steps=500 if not lora_rank else 100, decay="constant", b1=0.9, b2=0.999,
         eps=1e-8, weight_decay=0.01 if lora_rank else 0.0, grad_clip=1.0))
@@ -54,10 +58,10 @@ def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_r
     c.log_every_steps = 20
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
     c.sample = ml_collections.ConfigDict(dict(
-        every_steps=500, sampler="lcm", num_steps=4, num_images=len(PROMPTS),
+        every_steps=500, sampler=sampler, gamma=0.3, num_steps=4, num_images=len(PROMPTS),
         guidance_scale=1.0 if lora_rank else 8.0,  # LCM: w = g - 1 embedded; LoRA: plain CFG
         prompts=PROMPTS))
     c.wandb = ml_collections.ConfigDict(dict(
         project="lcm_jax", entity="", mode="offline",
-        tags=("lcd", "lora" if lora_rank else "full")))
+        tags=(objective, "lora" if lora_rank else "full")))
     return c

@@ -48,26 +48,38 @@ def train_and_evaluate(config, workdir: str) -> dict:
     objective = build_objective(config, workdir, pipeline)
     evaluate = None
     if config.data.name == "digits":
-        evaluate = (_few_step_table if config.objective == "lcd" else _digits_evaluation)(
-            config, objective, workdir)
-    train.run(config, workdir, objective, pipeline, evaluate=_saving(evaluate, workdir))
+        evaluate = (_few_step_table if config.objective in DISTILLATION
+                    else _digits_evaluation)(config, objective, workdir)
+    final = train.run(config, workdir, objective, pipeline, evaluate=_saving(evaluate, workdir))
+    if config.objective in DISTILLATION + ("lcf",) and not config.model.get("pretrained"):
+        from lcm_jax import teachers  # the digits student, for LCF to fine-tune
+
+        teachers.save_params(teachers.student_path(workdir), final.ema_params)
     path = os.path.join(workdir, "results.json")
     return json.load(open(path)) if os.path.exists(path) else {}
+
+
+DISTILLATION = ("lcd", "tcd")  # objectives with a teacher: the few-step table on digits
 
 
 def build_objective(config, workdir: str, pipeline):
     from lcm_jax import models, objectives, train
 
-    if config.objective == "lcd":
+    if config.objective in DISTILLATION + ("lcf",):
         from lcm_jax import teachers
         from lcm_jax.objectives.lcd import LCDObjective
+        from lcm_jax.objectives.lcf import LCFObjective
+        from lcm_jax.objectives.tcd import TCDObjective
 
-        if config.model.get("pretrained"):
+        if config.model.get("pretrained"):  # a teacher (LCD, TCD) or an LCM (LCF) folder
             teacher = teachers.from_pretrained(config)
+        elif config.objective == "lcf":  # the digits LCM of README command 1
+            teacher = teachers.distilled_from_chained(config, config.lcf.lcm_workdir)
         else:  # the embedded default: train the VAE and the latent teacher first (cached)
             teacher = teachers.train_chained(config, workdir, pipeline.arrays["image"],
                                              pipeline.arrays["label"])
-        return LCDObjective(config, teacher)
+        return {"lcd": LCDObjective, "tcd": TCDObjective, "lcf": LCFObjective}[
+            config.objective](config, teacher)
     image_shape = train.peek(pipeline)["image"].shape[1:]
     channels = image_shape[-1]
     if config.model.get("vae"):  # a latent model (objective 'edm'): the VAE's latent channels

@@ -376,6 +376,27 @@ def _consistency_distillation(config):
     if _get(config, "model.name") == "unet" and not _get(config, "model.pretrained", None):
         yield ("config.model.pretrained is not set; Stable Diffusion distillation needs the "
                "teacher's local diffusers folder: --config configs/sd15_lcd.py:/path/to/folder.")
+    if _get(config, "objective") == "lcf":
+        yield from _fine_tuning(config)
+
+
+def _fine_tuning(config):
+    """LCF: a full-parameter fine-tune of an LCM, from a folder or a digits LCD workdir."""
+    if _get(config, "lcd.lora", None):
+        yield _bad("lcd.lora", _get(config, "lcd.lora").to_dict(), "is set, but LCF fine-tunes "
+                   "the full LCM", "set config.lcd.lora=None")
+    if _get(config, "model.pretrained", None):
+        return
+    workdir = _get(config, "lcf.lcm_workdir", None)
+    if not workdir:
+        yield ("config.lcf.lcm_workdir is missing; LCF fine-tunes a distilled LCM: point it at "
+               "the workdir of README command 1 (or set config.model.pretrained to an LCM folder).")
+    else:
+        from lcm_jax.teachers import student_path
+
+        if not os.path.isfile(student_path(os.path.expanduser(str(workdir)))):
+            yield _bad("lcf.lcm_workdir", workdir, "holds no distilled student "
+                       f"({student_path('W')})", "run README command 1 with that --workdir first")
 
 
 def _samplers(config):
@@ -403,6 +424,11 @@ def _samplers(config):
                            f"use at most {total} steps")
         yield from _at_least(config, f"{section}.guidance_scale", 0, integer=False,
                              fix="use 0 or more (1 = no guidance for most samplers)")
+        gamma = _get(config, f"{section}.gamma")
+        if _present(gamma) and (not _is_real(gamma) or not 0 <= gamma <= 1):
+            yield _bad(f"{section}.gamma", gamma, "must be in [0, 1] (TCD's stochasticity: 0 "
+                       "deterministic, 1 ~ LCM)", "e.g. 0.3")
+        yield from _choice(config, f"{section}.student_sampler", FEW_STEP_SAMPLERS, "few-step sampler")
 
 
 def _loop(config):

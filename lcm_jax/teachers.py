@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from lcm_jax import models, train
+from lcm_jax.data import digits
 from lcm_jax.diffusion import schedule as sched
 from lcm_jax.objectives import conditioning
 from lcm_jax.objectives.lcd import Teacher
@@ -70,7 +71,15 @@ def from_pretrained(config) -> Teacher:
                                              clip_text.load_tokenizer(sub("tokenizer")),
                                              prompts, clip_skip)
     student = None
-    if not config.lcd.get("lora"):
+    if config.objective == "lcf":  # the folder holds the LCM that LCF fine-tunes
+        dim = unet_module.config.time_cond_proj_dim
+        if dim != w_embedding_dim(config):
+            raise ValueError(
+                f"LCF fine-tunes a distilled LCM, but {folder}/unet has time_cond_proj_dim={dim} "
+                f"and config.lcd.w_embedding_dim={w_embedding_dim(config)}: point "
+                f"config.model.pretrained at an LCM folder (e.g. LCM_Dreamshaper_v7) and set "
+                f"w_embedding_dim to its time_cond_proj_dim.")
+    elif not config.lcd.get("lora"):
         student_config = dict(convert.read_config(sub("unet")),
                               time_cond_proj_dim=w_embedding_dim(config))
         student = models.Denoiser(unet.from_config(student_config, dtype=dtype, remat=remat))
@@ -128,8 +137,6 @@ def train_vae(config, workdir: str, images: np.ndarray):
 
 def train_teacher(config, workdir: str, latents: np.ndarray, labels: np.ndarray):
     """Stage 2: the class-conditional latent teacher (plain diffusion on the cached latents)."""
-    from flax import serialization
-
     from lcm_jax.objectives.diffusion import DiffusionObjective
 
     c = stage_config(config, "teacher_stage")
@@ -139,15 +146,10 @@ def train_teacher(config, workdir: str, latents: np.ndarray, labels: np.ndarray)
     objective = DiffusionObjective(c, net, latents.shape[1:])
     if not _done(path):
         final = train.run(c, path, objective, _pipeline({"image": latents, "label": labels}, c))
-        if jax.process_index() == 0:
-            with open(weights + ".tmp", "wb") as f:
-                f.write(serialization.to_bytes(jax.device_get(final.ema_params)))
-            os.replace(weights + ".tmp", weights)
+        save_params(weights, final.ema_params)
         _mark_done(path)
     template = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0)).params
-    with open(weights, "rb") as f:
-        params = serialization.from_bytes(template, f.read())
-    return net, params, objective.schedule, c
+    return net, load_params(weights, template), objective.schedule, c
 
 
 def train_chained(config, workdir: str, images: np.ndarray, labels: np.ndarray) -> Teacher:
@@ -159,5 +161,56 @@ def train_chained(config, workdir: str, images: np.ndarray, labels: np.ndarray) 
     net, params, schedule, c = train_teacher(config, workdir, latents, labels)
     student = models.make_model(c.model, latents.shape[-1], w_embedding_dim(config))
     return Teacher(net, params, schedule, c.diffusion.prediction_type,
-                   conditioning.ClassConditioning(c.model.num_classes), latents.shape[1:],
+                   conditioning.ClassConditioning(c.model.num_classes,
+                                                  digits.captions(np.arange(c.model.num_classes))),
+                   latents.shape[1:],
                    vae_module, vae_params, student)
+
+
+def student_path(workdir: str) -> str:
+    """Where a digits LCD / TCD run (README command 1) exports its student's EMA params."""
+    return os.path.join(workdir, "student", "ema_params.msgpack")
+
+
+def distilled_from_chained(config, workdir: str) -> Teacher:
+    """The student that command 1 distilled in `workdir` (its EMA params, its VAE, its class
+    conditioning), as the Teacher record LCF starts from: net = the w-conditioned student."""
+    from lcm_jax.models import vae as vae_lib
+
+    path = student_path(workdir)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: run README command 1 (configs/digits_lcd.py) "
+                         f"with --workdir {workdir} first, or point config.lcf.lcm_workdir at "
+                         f"the workdir of a finished digits LCD run.")
+    vae_module, vae_params = vae_lib.from_pretrained(os.path.join(workdir, "vae", "export"))
+    c = stage_config(config, "teacher_stage")
+    side = config.data.image_size // vae_module.config.factor
+    latent_shape = (side, side, vae_module.config.latent_channels)
+    net = models.make_model(c.model, latent_shape[-1], w_embedding_dim(config))
+    x = jax.ShapeDtypeStruct((1,) + latent_shape, np.float32)
+    ints = jax.ShapeDtypeStruct((1,), np.int32)
+    template = jax.eval_shape(net.init, jax.random.PRNGKey(0), x, ints, ints,
+                              jax.ShapeDtypeStruct((1, w_embedding_dim(config)), np.float32))
+    from lcm_jax.objectives.diffusion import schedule_from_config
+
+    return Teacher(net, load_params(path, template), schedule_from_config(c.diffusion), c.diffusion.prediction_type,
+                   conditioning.ClassConditioning(c.model.num_classes, digits.captions(
+                       np.arange(c.model.num_classes))), latent_shape, vae_module, vae_params, net)
+
+
+def save_params(path: str, params) -> None:
+    """Params as flax msgpack, written atomically (process 0)."""
+    from flax import serialization
+
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            f.write(serialization.to_bytes(jax.device_get(params)))
+        os.replace(path + ".tmp", path)
+
+
+def load_params(path: str, template):
+    from flax import serialization
+
+    with open(path, "rb") as f:
+        return serialization.from_bytes(template, f.read())

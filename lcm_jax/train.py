@@ -267,7 +267,8 @@ class Program:
 def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None = None,
         on_step: Callable[[int], None] | None = None):
     """Train to config.total_steps (resuming from `workdir` if it holds checkpoints); returns
-    the final TrainState. `evaluate(params, frozen) -> dict` runs at the end; `on_step(step)` is called
+    the final TrainState. `evaluate(params, frozen) -> dict` runs at the end (and every
+    `config.eval.every_steps` when set, on the EMA params); `on_step(step)` is called
     after every step (tests use it to inject failures)."""
     os.makedirs(workdir, exist_ok=True)
     example = peek(pipeline)
@@ -291,6 +292,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
     sample = jax.jit(lambda p, frozen, rng: objective.sample_fn(
         p, frozen, rng, config.sample.num_images, config.sample)[0])
     total = config.total_steps
+    eval_every = config.get("eval", {}).get("every_steps", None)
     bar = _progress(total, start)
     metrics, last_saved, t0 = None, start, time.time()
     try:
@@ -319,6 +321,9 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
                                 jax.random.PRNGKey(config.seed + 1))  # fixed seed: comparable
                 writers.images(step, "samples", image_grid(parallel.to_host(images)),
                                os.path.join(workdir, f"samples_{step:07d}.png"))
+            if evaluate is not None and eval_every and step % eval_every == 0 and not is_last:
+                results = evaluate(program.host_state(state).ema_params, program.sample_frozen)
+                writers.scalars(step, {f"eval/{k}": v for k, v in _flatten(results).items()})
             if stop["signal"]:
                 log.warning("Stopped by signal %s at step %d; checkpoint saved.", stop["signal"], step)
                 return program.host_state(state)

@@ -50,5 +50,8 @@ def guidance_scale_embedding(w, dim: int = 256, scale: float = 1000.0):
 
 def trajectory_consistency_fn(x_t, x0, t, s, schedule: sched.Schedule):
     """TCD's f(x_t, t, s): the first-order exponential-integrator (DDIM) jump from t to s <= t,
-    (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) x0 with h = lambda_s - lambda_t. f(x, t, t) = x."""
-    return solvers.dpm_update(x_t, schedule.alpha_sigma(t), schedule.alpha_sigma(s), x0)
+    (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) x0 with h = lambda_s - lambda_t. f(x, t, t) = x
+    exactly, also where sigma_t = 0 (a schedule with abar_0 = 1), whose jump is 0 / 0 there."""
+    jump = solvers.dpm_update(x_t, schedule.alpha_sigma(t), schedule.alpha_sigma(s), x0)
+    same = sched.broadcast(jnp.asarray(t) == jnp.asarray(s), x_t)
+    return jnp.where(same, x_t, jump)

@@ -27,12 +27,14 @@ BASELINES = {
 
 def few_step_table(objective, params, frozen, eval_config, evaluator, seed: int = 0,
                    grid_dir: str | None = None) -> dict:
-    """{"lcm": {"1": {"fd", "acc"}, ...}, "ddim": {...}, "dpm": {...}, "dpmpp": {...},
+    """{"lcm" (or "tcd"): {"1": {"fd", "acc"}, ...}, "ddim": {...}, "dpm": {...}, "dpmpp": {...},
     "teacher_ddim50": {...}} (keys follow eval_config.steps / teacher_steps)."""
     g = eval_config.guidance_scale
     student = lambda p, f, rng, n, sc: objective.sample_fn(p, f, rng, n, sc)
     teacher = lambda p, f, rng, n, sc: objective.teacher_sample_fn(f, rng, n, sc)
-    runs = [("lcm", str(k), student, _sample_config("lcm", k, g, {})) for k in eval_config.steps]
+    name = eval_config.get("student_sampler", "lcm")  # TCD students: "tcd" with its gamma
+    runs = [(name, str(k), student, _sample_config(name, k, g, {}, eval_config.get("gamma", 0.3)))
+            for k in eval_config.steps]
     for name, (sampler, kwargs) in BASELINES.items():
         runs += [(name, str(k), teacher, _sample_config(sampler, k, g, kwargs))
                  for k in eval_config.steps]
@@ -52,9 +54,9 @@ def few_step_table(objective, params, frozen, eval_config, evaluator, seed: int 
     return table
 
 
-def _sample_config(sampler: str, steps: int, guidance: float, kwargs: dict):
+def _sample_config(sampler: str, steps: int, guidance: float, kwargs: dict, gamma: float = 0.3):
     return ml_collections.ConfigDict(dict(sampler=sampler, num_steps=steps, guidance_scale=guidance,
-                                          sampler_kwargs=kwargs))
+                                          sampler_kwargs=kwargs, gamma=gamma))
 
 
 def _save_grid(images: np.ndarray, path: str) -> None:

@@ -22,12 +22,27 @@ from lcm_jax.models import clip_text
 
 
 class ClassConditioning:
-    def __init__(self, num_classes: int):
+    """Class labels; `class_names` (one caption per class) also reads batches that carry only
+    captions, e.g. an image folder whose captions name the classes."""
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None):
         self.null_class = num_classes
+        self.class_names = None if class_names is None else list(class_names)
         self.frozen = {}
 
     def prepare_batch(self, batch: dict) -> dict:
-        return batch
+        if "label" in batch or "caption" not in batch:
+            return batch
+        if self.class_names is None:
+            raise ValueError("The batch has captions but no labels, and this class-conditional "
+                             "model has no class_names to read them with.")
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = sorted({str(c) for c in batch["caption"]} - set(index))
+        if unknown:
+            raise ValueError(f"Captions {unknown[:3]} name no class; each caption must be one of "
+                             f"the class names, e.g. {self.class_names[0]!r}.")
+        labels = np.asarray([index[str(c)] for c in batch["caption"]], np.int32)
+        return {k: v for k, v in batch.items() if k != "caption"} | {"label": labels}
 
     def encode(self, batch: dict, frozen):
         labels = batch["label"]

@@ -94,7 +94,7 @@ class LCDObjective:
             params = lora.init(init_rng, frozen["teacher"], self.lora.get("targets", lora.LCM_LORA_TARGETS),
                                self.lora.rank)
         else:
-            params = self._student_from_teacher(init_rng, frozen)
+            params = self._student_from(init_rng, self.starting_point(frozen), frozen)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                           opt_state=self.tx.init(params), rng=rng)
 
@@ -174,16 +174,18 @@ class LCDObjective:
         w = sched.broadcast(w, psi_c)
         return (1.0 + w) * psi_c - w * psi_u
 
-    def draws(self, rng, batch_size: int, latent_shape, axis_name=None):
-        """Per-example grid index, guidance scale, noise and VAE posterior noise, keyed by the
-        example's global index (the same draws on any device layout)."""
+    def draws(self, rng, batch_size: int, latent_shape, axis_name=None) -> dict:
+        """Per-example grid index n, guidance scale w, noise, VAE posterior noise and a uniform
+        u (TCD's end point), keyed by the example's global index: the same draws on any device
+        layout."""
         keys = common.example_keys(rng, batch_size, axis_name)
-        one = lambda k: (
-            jax.random.randint(jax.random.fold_in(k, 0), (), 0, len(self.grid.timesteps)),
-            jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32, self.lcd.w_min,
-                               self.lcd.w_max),
-            jax.random.normal(jax.random.fold_in(k, 2), latent_shape),
-            jax.random.normal(jax.random.fold_in(k, 3), latent_shape))
+        one = lambda k: dict(
+            n=jax.random.randint(jax.random.fold_in(k, 0), (), 0, len(self.grid.timesteps)),
+            w=jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32, self.lcd.w_min,
+                                 self.lcd.w_max),
+            noise=jax.random.normal(jax.random.fold_in(k, 2), latent_shape),
+            posterior_noise=jax.random.normal(jax.random.fold_in(k, 3), latent_shape),
+            u=jax.random.uniform(jax.random.fold_in(k, 4), ()))
         return jax.vmap(one)(keys)
 
     def latents(self, batch, frozen, posterior_noise):
@@ -195,21 +197,35 @@ class LCDObjective:
         noise = posterior_noise if self.lcd.get("sample_posterior", True) else None
         return self.teacher.vae.encode_to_latents(frozen["vae"], batch["image"], noise=noise)
 
-    def loss(self, params, state: TrainState, batch, frozen, rng, axis_name=None):
-        batch_size = next(iter(batch.values())).shape[0]
-        n, w, noise, posterior_noise = self.draws(rng, batch_size, self.teacher.latent_shape,
-                                                  axis_name)
-        z = self.latents(batch, frozen, posterior_noise)
-        cond, uncond = self.conditioning.encode(batch, frozen)
-        t, s = jnp.asarray(self.grid.timesteps)[n], jnp.asarray(self.grid.prev_timesteps)[n]
-        x_t = sched.add_noise(z, noise, *self.schedule.alpha_sigma(t))
-        w_emb = None if self.lora else self.w_embedding(w)
+    def previous_point(self, frozen, z, d, x_t, t, s, cond, uncond):
+        """x_hat at t_n = s, the target's input: LCD and TCD take the teacher's CFG solver step."""
+        return self.solve(frozen["teacher"], x_t, t, s, cond, uncond, d["w"])
 
-        x_s = self.solve(frozen["teacher"], x_t, t, s, cond, uncond, w)
-        target_params = state.ema_params if self.target == "ema" else params
-        target = self.consistency(self.student(jax.lax.stop_gradient(target_params), frozen),
-                                  jax.lax.stop_gradient(x_s), s, cond, w_emb)
-        pred = self.consistency(self.student(params, frozen), x_t, t, cond, w_emb)
+    def end_timestep(self, d, s):
+        """Where the boundary function maps to: LCD's consistency function maps to the data."""
+        return None
+
+    def boundary(self, params, x, t, cond, w_emb, end):
+        """The function both points of the pair go through: LCD's consistency function."""
+        return self.consistency(params, x, t, cond, w_emb)
+
+    def loss(self, params, state: TrainState, batch, frozen, rng, axis_name=None):
+        """d(boundary_theta(x_{t_{n+k}}, t_{n+k}), boundary_theta-(x_hat_{t_n}, t_n)), the pair
+        built by `previous_point` / `end_timestep` / `boundary` (LCD here; TCD and LCF change one
+        each)."""
+        batch_size = next(iter(batch.values())).shape[0]
+        d = self.draws(rng, batch_size, self.teacher.latent_shape, axis_name)
+        z = self.latents(batch, frozen, d["posterior_noise"])
+        cond, uncond = self.conditioning.encode(batch, frozen)
+        t, s = jnp.asarray(self.grid.timesteps)[d["n"]], jnp.asarray(self.grid.prev_timesteps)[d["n"]]
+        x_t = sched.add_noise(z, d["noise"], *self.schedule.alpha_sigma(t))
+        w_emb = None if self.lora else self.w_embedding(d["w"])
+        end = self.end_timestep(d, s)
+
+        x_s = jax.lax.stop_gradient(self.previous_point(frozen, z, d, x_t, t, s, cond, uncond))
+        target_params = jax.lax.stop_gradient(state.ema_params if self.target == "ema" else params)
+        target = self.boundary(self.student(target_params, frozen), x_s, s, cond, w_emb, end)
+        pred = self.boundary(self.student(params, frozen), x_t, t, cond, w_emb, end)
         loss = distance(pred, jax.lax.stop_gradient(target), self.lcd.loss,
                         self.lcd.get("huber_c", 0.001))
         return loss, {"loss": loss}
@@ -223,17 +239,22 @@ class LCDObjective:
             return jnp.clip(latents, -1.0, 1.0)
         return jnp.clip(self.teacher.vae.decode_latents(frozen["vae"], latents), -1.0, 1.0)
 
-    def _student_from_teacher(self, rng, frozen):
-        """The teacher's params plus the new w-embedding projection (`cond_proj`), zero-initialised
-        (`lcd.zero_init_cond_proj`, default) so that the student starts as the teacher."""
+    def starting_point(self, frozen):
+        """The params the student starts from: the teacher's."""
+        return frozen["teacher"]
+
+    def _student_from(self, rng, start, frozen):
+        """`start` plus the new w-embedding projection (`cond_proj`) when it lacks one,
+        zero-initialised (`lcd.zero_init_cond_proj`, default) so that the student starts as the
+        teacher."""
         cond, _, _ = self.conditioning.sample_conditions(frozen, 1)
         x = jnp.zeros((1,) + self.teacher.latent_shape)
         t = jnp.zeros((1,), jnp.int32)
         fresh = convert.flatten(self.student_net.init(rng, x, t, cond,
                                                       self.w_embedding(jnp.zeros((1,)))))
-        taught = convert.flatten(frozen["teacher"])
+        taught = convert.flatten(start)
         if set(taught) - set(fresh):
-            raise ValueError(f"Teacher params absent from the student: {sorted(set(taught) - set(fresh))[:5]}")
+            raise ValueError(f"Params absent from the student: {sorted(set(taught) - set(fresh))[:5]}")
         zero_new = self.lcd.get("zero_init_cond_proj", True)
         return convert.unflatten({
             p: taught[p] if p in taught else (jnp.zeros_like(v) if zero_new else v)

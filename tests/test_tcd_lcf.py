@@ -1,0 +1,167 @@
+"""TCD and LCF: each fused step equals its math written out plainly (the draws of LCD's contract,
+two separate teacher calls, the DDIM jump in its x0 / eps form, optax AdamW, EMA); f(x, t, t) = x;
+TCD with a one-step grid and s = 0 is LCD's objective; LCF's starting state is the LCM itself."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lcm_jax.diffusion import consistency
+from lcm_jax.diffusion import schedule as sched
+from lcm_jax.models import lora
+from lcm_jax.objectives.lcd import LCDObjective, Teacher
+from lcm_jax.objectives.lcf import LCFObjective
+from lcm_jax.objectives.tcd import TCDObjective
+from conftest import fast_compile
+from test_lcd import B, NULL, batch, max_diff, randomized, tiny_config, tiny_teacher
+
+
+def plain_draws(objective, state, images, frozen):
+    """LCD's per-example draws and latents, written out: n, w, noise, posterior noise, u."""
+    c, teacher = objective.config, objective.teacher
+    rng = jax.random.fold_in(state.rng, state.step)
+    keys = [jax.random.fold_in(rng, i) for i in range(B)]
+    shape = teacher.latent_shape
+    n = jnp.stack([jax.random.randint(jax.random.fold_in(k, 0), (), 0, len(objective.grid.timesteps))
+                   for k in keys])
+    w = jnp.stack([jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32, c.lcd.w_min,
+                                      c.lcd.w_max) for k in keys])
+    noise = jnp.stack([jax.random.normal(jax.random.fold_in(k, 2), shape) for k in keys])
+    posterior = jnp.stack([jax.random.normal(jax.random.fold_in(k, 3), shape) for k in keys])
+    u = jnp.stack([jax.random.uniform(jax.random.fold_in(k, 4), ()) for k in keys])
+    mean, logvar = teacher.vae.apply({"params": frozen["vae"]}, images, method="encode")
+    z = (mean + jnp.exp(0.5 * logvar) * posterior) * teacher.vae.config.scaling_factor
+    return n, w, noise, u, z
+
+
+col = lambda a: a[:, None, None, None]
+
+
+def ddim_jump(abar, x, x0, t, s):
+    """alpha_s x0 + sigma_s eps_hat, eps_hat = (x - alpha_t x0) / sigma_t (the DDIM form)."""
+    a_t, a_s = col(abar[t]), col(abar[s])
+    eps = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(1 - a_t)
+    return jnp.sqrt(a_s) * x0 + jnp.sqrt(1 - a_s) * eps
+
+
+def reference_step(objective, state, batch, frozen, kind):
+    """kind 'tcd': teacher CFG-DDIM pair point, trajectory function to s_end; 'lcf': the forward
+    process on the same sample and noise, LCD's c_skip / c_out consistency function."""
+    c, teacher = objective.config, objective.teacher
+    abar = jnp.asarray(teacher.schedule.alphas_cumprod)
+    n, w, noise, u, z = plain_draws(objective, state, batch["image"], frozen)
+    k = 1000 // c.lcd.num_ddim_timesteps
+    t = k * (n + 1) - 1
+    s = jnp.maximum(t - k, 0)
+    x_t = jnp.sqrt(col(abar[t])) * z + jnp.sqrt(1 - col(abar[t])) * noise
+    labels = batch["label"]
+    x0_of = lambda out, x, tt: (x - jnp.sqrt(1 - col(abar[tt])) * out) / jnp.sqrt(col(abar[tt]))
+
+    if kind == "tcd":
+        eps_c = teacher.net.apply(frozen["teacher"], x_t, t, labels)
+        eps_u = teacher.net.apply(frozen["teacher"], x_t, t, jnp.full_like(labels, NULL))
+        x0_c, x0_u = x0_of(eps_c, x_t, t), x0_of(eps_u, x_t, t)
+        eps_w = eps_c + col(w) * (eps_c - eps_u)
+        x_s = jnp.sqrt(col(abar[s])) * (x0_c + col(w) * (x0_c - x0_u)) + jnp.sqrt(1 - col(abar[s])) * eps_w
+        j = jnp.floor(u * (n + 1)).astype(jnp.int32)
+        end = jnp.maximum(k * (j + 1) - 1 - k, 0)
+    else:
+        x_s = jnp.sqrt(col(abar[s])) * z + jnp.sqrt(1 - col(abar[s])) * noise
+
+    lora_mode = bool(c.lcd.get("lora"))
+    net = teacher.net if lora_mode else teacher.student_net
+    full = (lambda p: lora.merge(frozen["teacher"], p, c.lcd.lora.alpha)) if lora_mode else (lambda p: p)
+    w_emb = None if lora_mode else consistency.guidance_scale_embedding(w, 256)
+
+    def f(params, x, tt):
+        x0 = x0_of(net.apply(full(params), x, tt, labels, w_emb), x, tt)
+        if kind == "tcd":
+            return ddim_jump(abar, x, x0, tt, end)
+        st = col(10.0 * tt.astype(jnp.float32))
+        return 0.25 / (st ** 2 + 0.25) * x + st / jnp.sqrt(st ** 2 + 0.25) * x0
+
+    target_params = state.params if c.lcd.target == "online" else state.ema_params
+    target = f(target_params, x_s, s)
+    if kind == "tcd":  # L2
+        loss_fn = lambda p: jnp.mean((f(p, x_t, t) - target) ** 2)
+    else:
+        loss_fn = lambda p: jnp.mean(jnp.sqrt((f(p, x_t, t) - target) ** 2 + 0.001 ** 2) - 0.001)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, eps=1e-4, weight_decay=0.0))
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: 0.95 * e + 0.05 * p, state.ema_params, params)
+    return loss, params, ema
+
+
+def lcm_record(config):
+    """A 'distilled LCM': the tiny teacher's student network with every param (cond_proj too)
+    non-zero, as LCF receives it."""
+    teacher = tiny_teacher(config)
+    shape = (1,) + teacher.latent_shape
+    params = teacher.student_net.init(jax.random.PRNGKey(7), jnp.zeros(shape), jnp.zeros((1,), jnp.int32),
+                                      jnp.zeros((1,), jnp.int32), jnp.zeros((1, 256)))
+    params = randomized(params, jax.random.PRNGKey(8), 0.2)
+    return Teacher(teacher.student_net, params, teacher.schedule, teacher.prediction_type,
+                   teacher.conditioning, teacher.latent_shape, teacher.vae, teacher.vae_params)
+
+
+@pytest.mark.parametrize("kind", ["tcd", "tcd_lora", "lcf"])
+def test_fused_step_equals_unfused_math(kind):
+    lora_config = dict(rank=4, alpha=4.0, targets=("qkv", "fc1", "fc2")) if kind == "tcd_lora" else None
+    config = tiny_config(lora=lora_config, target="online" if lora_config else "ema",
+                         loss="l2" if kind.startswith("tcd") else "huber", num_ddim_timesteps=20)
+    if kind == "lcf":
+        objective = LCFObjective(config, lcm_record(config))
+        assert "teacher" not in objective.frozen  # no teacher: nothing to call
+    else:
+        objective = TCDObjective(config, tiny_teacher(config))
+    frozen = objective.frozen
+    state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
+    if kind == "lcf":  # the fine-tune starts as the LCM, cond_proj included
+        assert max_diff(state.params, frozen["lcm"]) == 0
+    state = state.replace(params=randomized(state.params, jax.random.PRNGKey(5), 0.02),
+                          step=jnp.asarray(3, jnp.int32))
+    new_state, metrics = fast_compile(objective.train_step, state, batch(), frozen)
+    loss, params, ema = fast_compile(functools.partial(reference_step, objective, kind=kind[:3]),
+                                     state, batch(), frozen)
+    assert float(metrics["loss"]) > 0
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+    assert max_diff(new_state.params, params) < 1e-6
+    assert max_diff(new_state.ema_params, ema) < 1e-6
+    assert max_diff(new_state.params, state.params) > 1e-4
+
+
+def test_trajectory_function_is_the_identity_at_its_own_time():
+    schedule = sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
+    x, x0 = (jax.random.normal(jax.random.PRNGKey(i), (4, 4, 4, 4)) for i in range(2))
+    t = jnp.asarray([0, 19, 499, 999])
+    np.testing.assert_array_equal(consistency.trajectory_consistency_fn(x, x0, t, t, schedule), x)
+    # ... and s = 0 on a schedule with abar_0 = 1 gives x0 itself (the data end).
+    betas = sched.make_betas("scaled_linear", 1000, 0.00085, 0.012)
+    betas[0] = 0.0
+    clean = sched.make_schedule(trained_betas=betas)
+    np.testing.assert_allclose(consistency.trajectory_consistency_fn(
+        x[1:], x0[1:], t[1:], jnp.zeros(3, jnp.int32), clean), x0[1:], atol=1e-6)
+    np.testing.assert_array_equal(consistency.trajectory_consistency_fn(x, x0, t * 0, t * 0, clean), x)
+
+
+def test_tcd_with_a_one_step_grid_and_s_zero_is_lcd():
+    """N = 1: t = 999, t_n = 0, so every end is s = 0. With abar_0 = 1, TCD's f(x, 999, 0) = x0_theta
+    and f(x_hat, 0, 0) = x_hat; LCD's c_skip(999) = 2.5e-9, c_out(999) = 1 - 1.3e-9 and
+    f(x_hat, 0) = x_hat: the two objectives agree to float32 rounding."""
+    config = tiny_config(num_ddim_timesteps=1, loss="l2")
+    teacher = tiny_teacher(config)
+    betas = sched.make_betas("scaled_linear", 1000, 0.00085, 0.012)
+    betas[0] = 0.0
+    teacher.schedule = sched.make_schedule(trained_betas=betas)
+    tcd, lcd = TCDObjective(config, teacher), LCDObjective(config, teacher)
+    state = jax.jit(tcd.init_state)(jax.random.PRNGKey(0), tcd.frozen)
+    state = state.replace(params=randomized(state.params, jax.random.PRNGKey(5), 0.02))
+    (a, ma), (b, mb) = (fast_compile(o.train_step, state, batch(), o.frozen) for o in (tcd, lcd))
+    assert float(ma["loss"]) > 0
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
+    assert max_diff(a.params, b.params) < 1e-6
