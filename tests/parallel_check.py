@@ -1,6 +1,6 @@
 """Two tiny train steps on 8 simulated CPU devices in every parallel layout; prints JSON.
 
-  python tests/parallel_check.py [diffusion|lcd|lego]
+  python tests/parallel_check.py [diffusion|lcd|tcd|lego][,...]
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_parallel.py does).
 """
 import json
@@ -38,12 +38,14 @@ def build(objective_name, mode, data, fsdp):
 
     from lcm_jax import data as data_lib
     from lcm_jax.objectives.lcd import LCDObjective
+    from lcm_jax.objectives.tcd import TCDObjective
 
     config = test_lcd.tiny_config()
     config.data.image_size = 8
     config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
     pipeline = data_lib.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
-    return config, LCDObjective(config, test_lcd.tiny_teacher(config)), pipeline
+    objective = {"lcd": LCDObjective, "tcd": TCDObjective}[objective_name]
+    return config, objective(config, test_lcd.tiny_teacher(config)), pipeline
 
 
 def two_steps(objective_name, mode, data, fsdp):
@@ -64,8 +66,13 @@ def two_steps(objective_name, mode, data, fsdp):
 
 
 def main():
+    """One JSON line per objective named (comma-separated): one process, one JAX start-up."""
     assert jax.device_count() == 8, "set XLA_FLAGS=--xla_force_host_platform_device_count=8"
-    objective = sys.argv[1] if len(sys.argv) > 1 else "diffusion"
+    for objective in (sys.argv[1] if len(sys.argv) > 1 else "diffusion").split(","):
+        print(json.dumps(report(objective)), flush=True)
+
+
+def report(objective: str) -> dict:
     ref_losses, ref_params, _ = two_steps(objective, *LAYOUTS["one_device"])
     report = {}
     # LCD's and LEGO's layouts: data x fsdp together, and pmap (the diffusion check covers each
@@ -79,7 +86,7 @@ def main():
             "max_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
             "max_param_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(params, ref_params)),
             "sharded_params": sharded}
-    print(json.dumps(report))
+    return report
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ pytest.importorskip("diffusers")
 
 import jax  # noqa: E402
 
-from configs import sd15_lcd, sd15_lcm_lora  # noqa: E402
+from configs import sd15_lcd, sd15_lcf, sd15_lcm_lora, sd15_tcd, sdxl_tcd_lora  # noqa: E402
 from lcm_jax import config_checks, teachers  # noqa: E402
 from lcm_jax.objectives.lcd import LCDObjective  # noqa: E402
+from lcm_jax.objectives.tcd import TCDObjective  # noqa: E402
 from test_pipeline import build  # noqa: E402
 from conftest import fast_compile  # noqa: E402
 
@@ -32,12 +33,13 @@ def config_for(module, folder):
     return c
 
 
-@pytest.mark.parametrize("module", [sd15_lcd, sd15_lcm_lora], ids=["full", "lora"])
+@pytest.mark.parametrize("module", [sd15_lcd, sd15_lcm_lora, sd15_tcd], ids=["full", "lora", "tcd"])
 def test_sd_folder_distils(folder, module):
     config = config_for(module, folder)
     config.lcd.lora and config.lcd.lora.update(rank=2, alpha=2.0)
     config_checks.validate(config, device_count=1, process_count=1)
-    objective = LCDObjective(config, teachers.from_pretrained(config))
+    objective = {"lcd": LCDObjective, "tcd": TCDObjective}[config.objective](
+        config, teachers.from_pretrained(config))
     assert objective.teacher.latent_shape == (8, 8, 4)
     batch = objective.prepare_batch({"image": np.random.default_rng(0).uniform(
         -1, 1, (2, 16, 16, 3)).astype(np.float32), "caption": np.asarray(["a cat", "a dog"])})
@@ -62,3 +64,12 @@ def test_sd_config_refuses_a_missing_folder():
         config_checks.validate(sd15_lcd.get_config("/no/such/folder"), device_count=1, process_count=1)
     with pytest.raises(config_checks.ConfigError, match="model.pretrained is not set"):
         config_checks.validate(sd15_lcd.get_config(), device_count=1, process_count=1)
+
+
+def test_tcd_lora_and_lcf_configs(folder):
+    """SDXL TCD-LoRA and SD 1.5 LCF validate before compiling; LCF refuses a folder that is not
+    an LCM (no time_cond_proj_dim) with the fix."""
+    for module in (sdxl_tcd_lora, sd15_lcf):
+        config_checks.validate(config_for(module, folder), device_count=1, process_count=1)
+    with pytest.raises(ValueError, match="time_cond_proj_dim=None.*point config.model.pretrained at an LCM"):
+        teachers.from_pretrained(config_for(sd15_lcf, folder))

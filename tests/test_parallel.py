@@ -11,37 +11,40 @@ from lcm_jax import parallel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def check(objective: str) -> dict:
+def check(objectives: str) -> list[dict]:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests/parallel_check.py"), objective],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests/parallel_check.py"), objectives],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in proc.stdout.strip().splitlines()[-len(objectives.split(",")):]]
 
 
-@pytest.fixture(scope="module", params=["diffusion", "lcd", "lego"])
-def report(request):
-    """Two steps of plain diffusion, of LCD (frozen teacher + VAE sharded like the params), and
-    of a LEGO stack under EDM with patch subsampling (per-example tile draws)."""
+@pytest.fixture(scope="module", params=["diffusion", "lcd,tcd", "lego"])
+def reports(request):
+    """Two steps of plain diffusion, of LCD and TCD (frozen teacher + VAE sharded like the
+    params; one process for both), and of a LEGO stack under EDM with patch subsampling
+    (per-example tile draws)."""
     return check(request.param)
 
 
 @pytest.mark.parametrize("layout", ["data8", "data2_fsdp4", "fsdp8", "pmap8"])
-def test_layout_matches_one_device(report, layout):
-    if layout not in report:
-        pytest.skip("this objective's check runs data x fsdp and pmap only")
-    r = report[layout]
-    assert r["max_loss_diff"] <= 1e-5, r
-    assert r["max_param_diff"] <= 1e-5, r
-    assert r["losses"][1] != r["losses"][0]  # two different steps really ran
+def test_layout_matches_one_device(reports, layout):
+    for report in reports:
+        if layout not in report:
+            pytest.skip("this objective's check runs data x fsdp and pmap only")
+        r = report[layout]
+        assert r["max_loss_diff"] <= 1e-5, r
+        assert r["max_param_diff"] <= 1e-5, r
+        assert r["losses"][1] != r["losses"][0]  # two different steps really ran
 
 
-def test_fsdp_really_shards(report):
-    assert report["data2_fsdp4"]["sharded_params"] > 0
-    if "data8" in report:
-        assert report["fsdp8"]["sharded_params"] > 0
-        assert report["data8"]["sharded_params"] == 0
+def test_fsdp_really_shards(reports):
+    for report in reports:
+        assert report["data2_fsdp4"]["sharded_params"] > 0
+        if "data8" in report:
+            assert report["fsdp8"]["sharded_params"] > 0
+            assert report["data8"]["sharded_params"] == 0
 
 
 def test_param_spec_rules():

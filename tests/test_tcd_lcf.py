@@ -165,3 +165,39 @@ def test_tcd_with_a_one_step_grid_and_s_zero_is_lcd():
     assert float(ma["loss"]) > 0
     np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
     assert max_diff(a.params, b.params) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and data: checked before anything compiles
+# ----------------------------------------------------------------------------------------------
+
+def test_lcf_config_needs_a_distilled_student(tmp_path):
+    from configs import digits_lcf
+    from lcm_jax import config_checks, teachers
+
+    config = digits_lcf.get_config("tiny")
+    config.data.path = str(tmp_path)
+    config.lcf.lcm_workdir = str(tmp_path / "W")
+    with pytest.raises(config_checks.ConfigError, match=r"lcf.lcm_workdir=.*run README command 1"):
+        config_checks.validate(config, device_count=1, process_count=1)
+    teachers.save_params(teachers.student_path(str(tmp_path / "W")), {"a": np.zeros(2)})
+    config_checks.validate(config, device_count=1, process_count=1)
+    config.lcd.lora = dict(rank=4, alpha=4.0)
+    config.sample.gamma = 1.5
+    with pytest.raises(config_checks.ConfigError) as error:
+        config_checks.validate(config, device_count=1, process_count=1)
+    assert "config.lcd.lora" in str(error.value) and "LCF fine-tunes the full LCM" in str(error.value)
+    assert "config.sample.gamma=1.5 must be in [0, 1]" in str(error.value)
+
+
+def test_class_conditioning_reads_captions_that_name_classes():
+    from lcm_jax.data import digits
+    from lcm_jax.objectives.conditioning import ClassConditioning
+
+    cond = ClassConditioning(10, digits.captions(np.arange(10)))
+    batch = cond.prepare_batch({"image": np.zeros((2, 1)), "caption": np.asarray(
+        [digits.caption(3), digits.caption(7)])})
+    np.testing.assert_array_equal(batch["label"], [3, 7])
+    assert "caption" not in batch
+    with pytest.raises(ValueError, match="name no class"):
+        cond.prepare_batch({"caption": np.asarray(["a cat"])})

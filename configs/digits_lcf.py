@@ -1,0 +1,28 @@
+r"""LCF on digits: consistency fine-tuning of README command 1's LCM on an image folder, no teacher.
+
+  python experiments/main.py --config configs/digits_lcf.py --workdir workdirs/digits_lcf \
+      --config.data.path=DIR --config.lcf.lcm_workdir=workdirs/digits_lcd
+
+DIR holds 16x16 grey images with captions naming their class ("a handwritten digit three", as
+data/digits.caption; .txt sidecars or metadata.jsonl): experiments/lcf_digits.py writes inverted
+digits there, runs this config and scores before / after. The LCM (its EMA params, VAE and
+architecture) comes from the workdir of a finished command 1 (`lcf.lcm_workdir`); everything else
+is LCD's recipe with the teacher's solver step replaced by the forward process (objectives/lcf.py).
+
+Short arguments: `configs/digits_lcf.py:tiny` is the seconds-long variant the tests use.
+"""
+from configs import digits_lcd
+
+
+def get_config(arg: str = ""):
+    c = digits_lcd.get_config("tiny" if arg == "tiny" else "")
+    c.objective = "lcf"
+    c.total_steps = 4 if arg == "tiny" else 1000
+    c.data.update(name="folder", path="", channels=1, image_size=16)
+    c.lcf = dict(lcm_workdir="workdirs/digits_lcd")  # README command 1's --workdir
+    c.optimizer.update(lr=1e-4, warmup_steps=1 if arg == "tiny" else 50, decay="cosine")
+    c.sample.update(sampler="lcm", num_steps=4)
+    c.wandb.tags = ("digits", "lcf")
+    if arg not in ("", "tiny"):
+        raise ValueError(f"Unknown config argument {arg!r}; use '' or 'tiny'.")
+    return c

@@ -1,0 +1,189 @@
+r"""Consistency distillation studies on the digits teacher of README command 1 (LCD, TCD).
+
+  python experiments/consistency_digits.py --workdir workdirs/digits_lcd --out workdirs/cd_study \
+      --run base --run ema99:ema_decay=0.99 --run tcd:objective=tcd,lcd.loss=l2 \
+      [--steps 1500] [--eval_every 500] [--guidance 1.5,2.5] [--gammas 0,0.3,0.5,1] [--seeds 0]
+  python experiments/consistency_digits.py --workdir workdirs/digits_lcd --out workdirs/cd_study \
+      --teacher --guidance 1,1.5,2,2.5 --seeds 0,1,2
+
+Reuses the VAE and the latent teacher cached in WORKDIR (W/vae, W/teacher; trained first if
+missing). Each `--run NAME[:field=value,...]` distils one student from configs/digits_lcd.py with
+those dotted overrides (values parsed as Python literals), for `--steps` steps, and scores it
+every `--eval_every` steps and at the end: FD-digits and accuracy of 500 class-conditional
+samples at 1 / 2 / 4 / 8 steps, per guidance g (the student embeds w = g - 1), with the LCM
+sampler and, for TCD students, TCD's sampler at each gamma. `--seeds` repeats the final
+evaluation with other sampling seeds (the evaluation noise). `--teacher` scores the teacher's
+DDIM-50 instead. Results go to OUT/results.json (finished runs are skipped on a rerun) and print
+as markdown tables.
+"""
+import argparse
+import ast
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+STEPS = (1, 2, 4, 8)
+
+
+def parse_run(text: str):
+    name, _, sets = text.partition(":")
+    overrides = {}
+    for item in filter(None, sets.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return name, overrides
+
+
+def run_config(overrides: dict, steps: int, arg: str = ""):
+    """configs/digits_lcd.py (`arg` 'tiny' for tests) with dotted `overrides`, for `steps` steps."""
+    from configs import digits_lcd
+
+    config = digits_lcd.get_config(arg)
+    config.total_steps = steps
+    config.checkpoint.update(every_steps=steps, keep=1)
+    config.sample.every_steps = steps
+    config.wandb.mode = "disabled"
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def samplers_for(objective: str, gammas):
+    """(label, sample-config fields) of the student's few-step samplers."""
+    if objective == "tcd":
+        return [(f"tcd_g{g}", dict(sampler="tcd", gamma=g)) for g in gammas]
+    return [("lcm", dict(sampler="lcm"))]
+
+
+def score(sample_fn, params, frozen, evaluator, fields: dict, guidance: float, seed: int, base):
+    import ml_collections
+
+    from lcm_jax.eval import sampling
+
+    sc = ml_collections.ConfigDict(dict(fields, guidance_scale=guidance,
+                                        num_samples=base.eval.num_samples,
+                                        batch_size=base.eval.batch_size))
+    metrics, _ = sampling.evaluate_digits(sample_fn, params, frozen, sc, evaluator, seed=seed)
+    return {k: round(v, 4) for k, v in metrics.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="README command 1's workdir (VAE, teacher)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--run", action="append", default=[], help="NAME[:field=value,...]")
+    parser.add_argument("--teacher", action="store_true", help="score the teacher's DDIM-50")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--eval_every", type=int, default=0)
+    parser.add_argument("--guidance", default="2.5")
+    parser.add_argument("--gammas", default="0,0.3,0.5,1")
+    parser.add_argument("--seeds", default="0")
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+
+    import jax
+
+    from configs import digits_lcd
+    from lcm_jax import config_checks, data, teachers, train
+    from lcm_jax.eval import digits_metrics
+    from lcm_jax.objectives.lcd import LCDObjective
+    from lcm_jax.objectives.tcd import TCDObjective
+
+    base = digits_lcd.get_config()
+    pipeline = data.make_pipeline(base.data, global_batch_size=base.batch_size, seed=base.seed)
+    teacher = teachers.train_chained(base, args.workdir, pipeline.arrays["image"],
+                                     pipeline.arrays["label"])
+    evaluator = digits_metrics.DigitsEvaluator(base.data.image_size, 1)
+    guidances = [float(g) for g in args.guidance.split(",")]
+    gammas = [float(g) for g in args.gammas.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+
+    def save():
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+    if args.teacher:
+        objective = LCDObjective(base, teacher)
+        frozen = jax.device_put(objective.frozen)
+        teacher_fn = lambda p, f, rng, n, sc: objective.teacher_sample_fn(f, rng, n, sc)
+        fields = dict(sampler="ddim", num_steps=base.eval.teacher_steps, sampler_kwargs=dict(
+            timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True))
+        for g in guidances:
+            for seed in seeds:
+                key = f"g{g}/seed{seed}"
+                if key not in results.setdefault("teacher_ddim50", {}):
+                    results["teacher_ddim50"][key] = score(teacher_fn, None, frozen, evaluator,
+                                                           fields, g, seed, base)
+                    print("teacher", key, results["teacher_ddim50"][key], flush=True)
+                    save()
+
+    for text in args.run:
+        name, overrides = parse_run(text)
+        if results.get(name, {}).get("done"):
+            continue
+        config = run_config(overrides, args.steps)
+        config_checks.validate(config)
+        objective = (TCDObjective if config.objective == "tcd" else LCDObjective)(config, teacher)
+        current = {"step": 0}
+        record = results[name] = {"overrides": overrides, "steps": args.steps}
+
+        def evaluate(params, frozen, final=False):
+            if current["step"] == args.steps and not final:
+                return {}  # the loop's own end-of-run call: scored below, with every seed
+            at = record.setdefault(str(current["step"]), {})
+            for label, fields in samplers_for(config.objective, gammas):
+                for g in guidances:
+                    for seed in (seeds if final else seeds[:1]):
+                        cell = at.setdefault(f"{label}/g{g}/seed{seed}", {})
+                        for n in STEPS:
+                            cell[str(n)] = score(objective.sample_fn, params, frozen, evaluator,
+                                                 dict(fields, num_steps=n), g, seed, base)
+                        print(name, current["step"], label, g, seed, cell, flush=True)
+            save()
+            return {}
+
+        if args.eval_every:
+            config.eval.every_steps = args.eval_every
+        pipeline.set_state({"step": 0})
+        final = train.run(config, os.path.join(args.out, name), objective, pipeline,
+                          evaluate=evaluate, on_step=lambda step: current.update(step=step))
+        evaluate(final.ema_params, jax.device_put(objective.frozen), final=True)
+        record["done"] = True
+        save()
+    print(tables(results))
+
+
+def tables(results: dict) -> str:
+    lines = []
+    for g_seed, row in sorted(results.get("teacher_ddim50", {}).items()):
+        lines.append(f"teacher DDIM-50 {g_seed}: FD {row['fd']:.2f} ({row['acc']:.1%})")
+    for name, record in results.items():
+        if name == "teacher_ddim50":
+            continue
+        lines += [f"\n{name} {record['overrides']}",
+                  "| step | sampler / guidance / seed | " + " | ".join(f"{n} steps" for n in STEPS) + " |",
+                  "|---|---|" + "---|" * len(STEPS)]
+        for step, cells in record.items():
+            if not step.isdigit():
+                continue
+            for key, cell in cells.items():
+                lines.append(f"| {step} | {key} | " + " | ".join(
+                    f"{cell[str(n)]['fd']:.2f} ({cell[str(n)]['acc']:.1%})" for n in STEPS) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
