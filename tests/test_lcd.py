@@ -107,7 +107,11 @@ def reference_step(objective, state, batch, frozen):
 
     target_params = state.params if c.lcd.target == "online" else state.ema_params
     target = f(target_params, x_s, s)
-    loss_fn = lambda p: jnp.mean(jnp.sqrt((f(p, x_t, t) - target) ** 2 + 0.001 ** 2) - 0.001)
+    return plain_update(state, lambda p: jnp.mean(jnp.sqrt((f(p, x_t, t) - target) ** 2 + 0.001 ** 2) - 0.001))
+
+
+def plain_update(state, loss_fn):
+    """(loss, params, ema) after one clipped AdamW step on loss_fn(params) and the 0.95 EMA."""
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, eps=1e-4, weight_decay=0.0))
     updates, _ = tx.update(grads, tx.init(state.params), state.params)

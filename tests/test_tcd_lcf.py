@@ -6,7 +6,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from lcm_jax.diffusion import consistency
@@ -16,7 +15,7 @@ from lcm_jax.objectives.lcd import LCDObjective, Teacher
 from lcm_jax.objectives.lcf import LCFObjective
 from lcm_jax.objectives.tcd import TCDObjective
 from conftest import fast_compile
-from test_lcd import B, NULL, batch, max_diff, randomized, tiny_config, tiny_teacher
+from test_lcd import B, NULL, batch, max_diff, plain_update, randomized, tiny_config, tiny_teacher
 
 
 def plain_draws(objective, state, images, frozen):
@@ -86,15 +85,8 @@ def reference_step(objective, state, batch, frozen, kind):
     target_params = state.params if c.lcd.target == "online" else state.ema_params
     target = f(target_params, x_s, s)
     if kind == "tcd":  # L2
-        loss_fn = lambda p: jnp.mean((f(p, x_t, t) - target) ** 2)
-    else:
-        loss_fn = lambda p: jnp.mean(jnp.sqrt((f(p, x_t, t) - target) ** 2 + 0.001 ** 2) - 0.001)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, eps=1e-4, weight_decay=0.0))
-    updates, _ = tx.update(grads, tx.init(state.params), state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: 0.95 * e + 0.05 * p, state.ema_params, params)
-    return loss, params, ema
+        return plain_update(state, lambda p: jnp.mean((f(p, x_t, t) - target) ** 2))
+    return plain_update(state, lambda p: jnp.mean(jnp.sqrt((f(p, x_t, t) - target) ** 2 + 0.001 ** 2) - 0.001))
 
 
 def lcm_record(config):
