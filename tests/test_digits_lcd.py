@@ -1,5 +1,6 @@
 """README command 1 at tiny scale: the whole digits chain (VAE -> latent cache -> teacher -> LCD ->
-the few-step table) through experiments/main.py, then a rerun that skips the finished stages."""
+the few-step table) through experiments/main.py, then a rerun that skips the finished stages, then
+LCF of the exported student on an image folder."""
 import json
 import os
 import sys
@@ -36,3 +37,28 @@ def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch
     teacher = teachers.train_chained(config, str(tmp_path), pipeline.arrays["image"],
                                      pipeline.arrays["label"])
     assert calls == [] and teacher.latent_shape == (8, 8, 4)
+
+    # LCF of that LCM on an image folder of inverted digits (captions name the classes): the
+    # exported student is the starting point, bit for bit.
+    import jax
+    import lcf_digits
+    import numpy as np
+
+    from configs import digits_lcf
+    from lcm_jax import data, train
+    from lcm_jax.objectives.lcf import LCFObjective
+
+    monkeypatch.undo()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    lcf_digits.write_inverted_folder(str(tmp_path / "inverted"))
+    lcf = digits_lcf.get_config("tiny")
+    lcf.data.path, lcf.lcf.lcm_workdir = str(tmp_path / "inverted"), str(tmp_path)
+    lcm = teachers.distilled_from_chained(lcf, str(tmp_path))
+    paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lcm.params)[0]}
+    assert any("cond_proj" in p for p in paths)  # the w-conditioned student, not the teacher
+    pipeline = data.make_pipeline(lcf.data, global_batch_size=lcf.batch_size, seed=0)
+    final = train.run(lcf, str(tmp_path / "lcf"), LCFObjective(lcf, lcm), pipeline)
+    assert int(final.step) == lcf.total_steps
+    moved = max(float(np.max(np.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(final.params), jax.tree.leaves(lcm.params)))
+    assert moved > 0
