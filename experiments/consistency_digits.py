@@ -57,6 +57,29 @@ def run_config(overrides: dict, steps: int, arg: str = ""):
     return config
 
 
+def load_chain(workdir: str):
+    """(configs/digits_lcd.py, its data pipeline, the cached teacher, the FD-digits evaluator)."""
+    from configs import digits_lcd
+    from lcm_jax import data, teachers
+    from lcm_jax.eval import digits_metrics
+
+    base = digits_lcd.get_config()
+    pipeline = data.make_pipeline(base.data, global_batch_size=base.batch_size, seed=base.seed)
+    teacher = teachers.train_chained(base, workdir, pipeline.arrays["image"], pipeline.arrays["label"])
+    return base, pipeline, teacher, digits_metrics.DigitsEvaluator(base.data.image_size, 1)
+
+
+def load_results(path: str) -> dict:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def save_results(path: str, results: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def samplers_for(objective: str, gammas):
     """(label, sample-config fields) of the student's few-step samplers."""
     if objective == "tcd":
@@ -92,28 +115,17 @@ def main():
 
     import jax
 
-    from configs import digits_lcd
-    from lcm_jax import config_checks, data, teachers, train
-    from lcm_jax.eval import digits_metrics
+    from lcm_jax import config_checks, train
     from lcm_jax.objectives.lcd import LCDObjective
     from lcm_jax.objectives.tcd import TCDObjective
 
-    base = digits_lcd.get_config()
-    pipeline = data.make_pipeline(base.data, global_batch_size=base.batch_size, seed=base.seed)
-    teacher = teachers.train_chained(base, args.workdir, pipeline.arrays["image"],
-                                     pipeline.arrays["label"])
-    evaluator = digits_metrics.DigitsEvaluator(base.data.image_size, 1)
+    base, pipeline, teacher, evaluator = load_chain(args.workdir)
     guidances = [float(g) for g in args.guidance.split(",")]
     gammas = [float(g) for g in args.gammas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}
-
-    def save():
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
+    results = load_results(path)
+    save = lambda: save_results(path, results)
 
     if args.teacher:
         objective = LCDObjective(base, teacher)
