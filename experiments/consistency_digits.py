@@ -1,7 +1,7 @@
 r"""Consistency distillation studies on the digits teacher of README command 1 (LCD, TCD).
 
   python experiments/consistency_digits.py --workdir workdirs/digits_lcd --out workdirs/cd_study \
-      --run base --run ema99:ema_decay=0.99 --run tcd:objective=tcd,lcd.loss=l2 \
+      --run base --run ema99:ema_decay=0.99 --run tcd:objective=tcd \
       [--steps 1500] [--eval_every 500] [--guidance 1.5,2.5] [--gammas 0,0.3,0.5,1] [--seeds 0]
   python experiments/consistency_digits.py --workdir workdirs/digits_lcd --out workdirs/cd_study \
       --teacher --guidance 1,1.5,2,2.5 --seeds 0,1,2
