@@ -11,8 +11,8 @@ saw), from an image folder, with no teacher; FD before and after.
    the 300 test digits: the inverted test set seen through the inverse shift; accuracy likewise)
    and against ordinary digits (the usual FD-digits).
 3. Runs configs/digits_lcf.py on the folder (OUT/run) and scores the fine-tuned LCM the same way.
-Rows for scale: the real inverted test digits, and the VAE's reconstructions of them (the best a
-latent model on this VAE can do). Prints a markdown table; OUT/results.json holds it.
+Rows for scale: the 1,497 real inverted training digits, and the VAE's reconstructions of the
+inverted test digits (the best a latent model on this VAE can do). Prints a markdown table; OUT/results.json holds it.
 """
 import argparse
 import json
@@ -22,7 +22,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def write_inverted_folder(folder: str) -> None:
+def write_inverted_folder(folder: str, invert: bool = True) -> None:
+    """The 1,497 training digits as PNGs + .txt captions, black and white swapped (or, with
+    invert=False, as they are: the control)."""
     import numpy as np
     from PIL import Image
 
@@ -33,7 +35,8 @@ def write_inverted_folder(folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     images, labels = digits.load("train", 16, 1)
     for i, (image, label) in enumerate(zip(images, labels)):
-        pixels = np.round((1.0 - image[..., 0]) * 127.5).astype(np.uint8)  # -x in [-1, 1] -> uint8
+        x = -image[..., 0] if invert else image[..., 0]
+        pixels = np.round((x + 1.0) * 127.5).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(os.path.join(folder, f"{i:04d}.png"))
         with open(os.path.join(folder, f"{i:04d}.txt"), "w") as f:
             f.write(digits.caption(label))
@@ -45,6 +48,8 @@ def main():
     parser.add_argument("--out", default="workdirs/lcf_digits")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--eval_steps", default="1,2,4")
+    parser.add_argument("--control", action="store_true",
+                        help="fine-tune on the ordinary digits instead (no shift): the control")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -58,8 +63,8 @@ def main():
     from lcm_jax.eval import digits_metrics, sampling
     from lcm_jax.objectives.lcf import LCFObjective
 
-    folder = os.path.join(args.out, "inverted")
-    write_inverted_folder(folder)
+    folder = os.path.join(args.out, "ordinary" if args.control else "inverted")
+    write_inverted_folder(folder, invert=not args.control)
     config = digits_lcf.get_config()
     config.data.path = folder
     config.lcf.lcm_workdir = args.lcm_workdir
@@ -88,10 +93,10 @@ def main():
         return row
 
     results = {"before": scores(lcm.params)}
+    train_images, train_labels = digits.load("train", 16, 1)
     test_images, test_labels = digits.load("test", 16, 1)
-    inverted = -np.asarray(test_images)
-    recon = np.clip(np.asarray(lcm.vae.apply({"params": lcm.vae_params}, inverted)), -1, 1)
-    results["real_inverted_test"] = {"shifted": shifted.evaluate(-inverted, test_labels)}
+    recon = np.clip(np.asarray(lcm.vae.apply({"params": lcm.vae_params}, -np.asarray(test_images))), -1, 1)
+    results["real_inverted_train"] = {"shifted": shifted.evaluate(train_images, train_labels)}
     results["vae_reconstruction"] = {"shifted": shifted.evaluate(-recon, test_labels)}
     pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed)
     final = train.run(config, os.path.join(args.out, "run"), objective, pipeline)
@@ -110,7 +115,7 @@ def table(results: dict) -> str:
         lines.append(f"| {name} LCF | " + " | ".join(
             f"{cell(results[name][n]['shifted'])} | {cell(results[name][n]['ordinary'])}"
             for n in steps) + " |")
-    for name in ("real_inverted_test", "vae_reconstruction"):
+    for name in ("real_inverted_train", "vae_reconstruction"):
         lines.append(f"| {name.replace('_', ' ')} | {cell(results[name]['shifted'])} |")
     return "\n".join(lines)
 
