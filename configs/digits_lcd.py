@@ -12,8 +12,9 @@ Three chained runs, each in its own sub-workdir and skipped on a rerun once done
              same steps and guidance, and the teacher's DDIM-50 (W/results.json, PNG grids).
 
 Expected on the 2-core CPU: ~14 min end to end (measured 13 min 56 s quiet). FD-digits (500
-samples) LCM 19.65 / 18.80 / 18.62 / 22.72 at 1 / 2 / 4 / 8 steps vs DDIM 111.4 / 43.6 / 28.6 / 23.9,
-DPM-Solver++ 111.4 / 43.5 / 22.6 / 20.2, teacher DDIM-50 20.35 (README has the whole table).
+samples, guidance 1.5) LCM 19.74 / 15.50 / 12.52 / 13.91 at 1 / 2 / 4 / 8 steps vs DDIM 73.8 /
+23.7 / 14.9 / 12.2, DPM-Solver++ 73.8 / 23.6 / 11.7 / 10.4, teacher DDIM-50 10.50 (README has the
+whole table, and why w ~ U[0, 1]: the student converges to the teacher at the mean w).
 Paper defaults differ where digits need it: the paper distils SD with w in [2, 14], k = 20, DDIM,
 lr 8e-6, batch 72, EMA 0.999943 (0.95 in the public scripts); here the teacher is small and
 fresh, so lr is higher and the run short.
