@@ -8,8 +8,8 @@ fine-tuned full-parameter with LCD's step where the teacher's solver step is rep
 forward process on the same image and noise (objectives/lcf.py; Algorithm 4). Defaults: the
 paper's Pokemon / Simpsons fine-tuning (768^2, lr 8e-6, 30K iterations; 90% of the images to train),
 EMA target 0.95, skip k = 20, w in [5, 15] embedded as in distillation, pseudo-Huber. Data: an
-image folder (`data.name='folder'`); tfds and webdataset work the same way. Not run here: no
-weights on this machine.
+image folder (`data.name='folder'`); tfds and webdataset work the same way.
+Expected: compiles ahead of time, then trains (not run here: no weights on this machine).
 """
 from configs._sd_lcd import lcd_config
 

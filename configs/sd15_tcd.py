@@ -5,7 +5,8 @@ r"""SD 1.5, full-parameter TCD (Trajectory Consistency Distillation, eps, 512^2)
 The LCD step with the trajectory consistency function (objectives/tcd.py). Defaults: the
 community TCD recipe (TCD's authors released no training code): lr 4e-6, L2 loss, EMA target
 0.95, DDIM skip-step solver k = 20, w in [5, 15] as the SD LCD scripts; samples with TCD's
-strategic stochastic sampler (gamma 0.3, 4 steps). Not run here: no weights on this machine.
+strategic stochastic sampler (gamma 0.3, 4 steps).
+Expected: compiles ahead of time, then trains (not run here: no weights on this machine).
 """
 from configs._sd_lcd import lcd_config
 

@@ -5,7 +5,8 @@ r"""TCD-LoRA for SDXL (r = 64; both text encoders, pooled embeds, time ids; zero
 The LCD step with the trajectory consistency function (objectives/tcd.py) on one base UNet, as
 LCM-LoRA (the target is the live adapters under stop_gradient). Defaults: the community TCD
 recipe: lr 4.5e-6, LoRA r 64 (alpha 64), L2 loss; w in [3, 15] as the SDXL LCD scripts; samples
-with TCD's sampler (gamma 0.3, 4 steps, no CFG). Not run here: no weights on this machine.
+with TCD's sampler (gamma 0.3, 4 steps, no CFG).
+Expected: compiles ahead of time, then trains (not run here: no weights on this machine).
 """
 from configs._sd_lcd import lcd_config
 
