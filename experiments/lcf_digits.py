@@ -2,7 +2,7 @@ r"""LCF demonstration: fine-tune README command 1's LCM on inverted digits (a se
 saw), from an image folder, with no teacher; FD before and after.
 
   python experiments/lcf_digits.py --lcm_workdir workdirs/digits_lcd --out workdirs/lcf_digits \
-      [--steps 1000] [--eval_steps 1,2,4]
+      [--steps 3000] [--eval_steps 1,2,4] [--control]
 
 1. Writes the shifted set as an image folder: OUT/inverted/ holds the 1,497 training digits with
    black and white swapped, as PNGs with .txt captions ("a handwritten digit three").
@@ -46,7 +46,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lcm_workdir", default="workdirs/digits_lcd")
     parser.add_argument("--out", default="workdirs/lcf_digits")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--eval_steps", default="1,2,4")
     parser.add_argument("--control", action="store_true",
                         help="fine-tune on the ordinary digits instead (no shift): the control")
