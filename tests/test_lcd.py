@@ -31,23 +31,24 @@ def tiny_config(**lcd):
 
 
 def randomized(params, rng, scale=0.05):
-    """DiT starts as an exact zero function: perturb every param so the test sees real math."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(rng, len(leaves))
-    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    """DiT starts as an exact zero function: perturb every param so the test sees real math.
+    numpy noise (seeded by the key): one jax.random call per leaf costs seconds of compiles."""
+    gen = np.random.default_rng(int(np.asarray(jax.random.key_data(rng)).ravel()[-1]))
+    return jax.tree.map(lambda p: p + scale * gen.standard_normal(p.shape).astype(p.dtype), params)
 
 
 def tiny_teacher(config, prediction_type="epsilon", with_vae=True, w_dim=None):
     vae_module = vae_lib.from_config(dict(in_channels=1, out_channels=1, block_out_channels=[8, 16],
                                           latent_channels=4, norm_num_groups=4, sample_size=8,
                                           scaling_factor=0.7))
-    vae_params = randomized(vae_module.init(jax.random.PRNGKey(1), jnp.zeros((1,) + IMAGE))["params"],
-                            jax.random.PRNGKey(2))
+    # One initialisation program each, at XLA O0 (eager init compiles op by op: ~50 s).
+    vae_params = randomized(fast_compile(lambda: vae_module.init(
+        jax.random.PRNGKey(1), jnp.zeros((1,) + IMAGE))["params"]), jax.random.PRNGKey(2))
     latent_shape = (4, 4, 4) if with_vae else IMAGE
     net = models.make_model(config.model, latent_shape[-1])
     x = jnp.zeros((1,) + latent_shape)
-    params = randomized(net.init(jax.random.PRNGKey(3), x, jnp.zeros((1,), jnp.int32),
-                                 jnp.zeros((1,), jnp.int32)), jax.random.PRNGKey(4), 0.2)
+    params = randomized(fast_compile(lambda: net.init(jax.random.PRNGKey(3), x, jnp.zeros((1,), jnp.int32),
+                                                      jnp.zeros((1,), jnp.int32))), jax.random.PRNGKey(4), 0.2)
     student = models.make_model(config.model, latent_shape[-1], w_dim or config.lcd.w_embedding_dim)
     schedule = sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
     return Teacher(net, params, schedule, prediction_type, conditioning.ClassConditioning(NULL),
