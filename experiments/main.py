@@ -55,6 +55,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         from lcm_jax import teachers  # the digits student, for LCF to fine-tune
 
         teachers.save_params(teachers.student_path(workdir), final.ema_params)
+    if config.objective == "smooth":
+        _export_smooth(config, workdir, final.ema_params)
     path = os.path.join(workdir, "results.json")
     return json.load(open(path)) if os.path.exists(path) else {}
 
@@ -65,6 +67,8 @@ DISTILLATION = ("lcd", "tcd")  # objectives with a teacher: the few-step table o
 def build_objective(config, workdir: str, pipeline):
     from lcm_jax import models, objectives, train
 
+    if config.objective == "smooth":
+        return _smooth_objective(config, workdir, pipeline)
     if config.objective in DISTILLATION + ("lcf",):
         from lcm_jax import teachers
         from lcm_jax.objectives.lcd import LCDObjective
@@ -88,6 +92,33 @@ def build_objective(config, workdir: str, pipeline):
         channels = convert.read_config(config.model.vae).get("latent_channels", 4)
     model = models.make_model(config.model, channels)
     return objectives.make_objective(config, model, image_shape)
+
+
+def _smooth_objective(config, workdir: str, pipeline):
+    """Smooth Diffusion fine-tunes a local SD folder, or the digits teacher of README command 1
+    (the chain in config.smooth.teacher_workdir, trained there first if it is not yet)."""
+    from lcm_jax import teachers
+    from lcm_jax.objectives.smooth import SmoothObjective
+
+    if config.model.get("pretrained"):
+        return SmoothObjective(config, teachers.from_pretrained(config))
+    chain = os.path.expanduser(config.smooth.get("teacher_workdir") or workdir)
+    return SmoothObjective(config, teachers.train_chained(config, chain, pipeline.arrays["image"],
+                                                          pipeline.arrays["label"]))
+
+
+def _export_smooth(config, workdir: str, params):
+    """W/smooth/params.msgpack (the LoRA factors or the full params, for lcm_jax), and for LoRA
+    runs pytorch_lora_weights.safetensors (diffusers' pipe.load_lora_weights(W/smooth))."""
+    import jax
+
+    from lcm_jax import teachers
+    from lcm_jax.models import lora
+
+    teachers.save_params(teachers.smooth_path(workdir), params)
+    if config.smooth.get("lora") and config.model.get("pretrained") and jax.process_index() == 0:
+        lora.save(os.path.dirname(teachers.smooth_path(workdir)), params,
+                  config.smooth.lora.get("alpha", config.smooth.lora.rank))
 
 
 def _evaluator(config):

@@ -63,7 +63,8 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
                 *_batch_and_mesh(config, device_count, process_count, local_device_count),
                 *_image_size(config), *_diffusion(config), *_edm(config), *_lego(config),
                 *_optimizer(config),
-                *_consistency_distillation(config), *_samplers(config), *_loop(config),
+                *_consistency_distillation(config), *_smooth(config), *_samplers(config),
+                *_loop(config),
                 *_paths(config, process_count)]
     if problems:
         raise ConfigError(problems)
@@ -397,6 +398,29 @@ def _fine_tuning(config):
         if not os.path.isfile(student_path(os.path.expanduser(str(workdir)))):
             yield _bad("lcf.lcm_workdir", workdir, "holds no distilled student "
                        f"({student_path('W')})", "run README command 1 with that --workdir first")
+
+
+def _smooth(config):
+    """Smooth Diffusion: the regulariser's weight and decay, the LoRA, the base network."""
+    if _get(config, "objective") != "smooth":
+        return
+    if not _get(config, "smooth", None):
+        yield ("config.smooth is missing; objective 'smooth' needs it (lambda_reg, decay, lora: "
+               "see configs/digits_smooth.py or configs/sd15_smooth.py).")
+        return
+    yield from _at_least(config, "smooth.lambda_reg", 0, integer=False, fix="e.g. 1.0 (the paper)")
+    decay = _get(config, "smooth.decay")
+    if _present(decay) and (not _is_real(decay) or not 0 < decay <= 1):
+        yield _bad("smooth.decay", decay, "must be in (0, 1] (the running mean's rate)", "e.g. 0.01")
+    drop = _get(config, "smooth.cond_drop_prob")
+    if _present(drop) and (not _is_real(drop) or not 0 <= drop <= 1):
+        yield _bad("smooth.cond_drop_prob", drop, "must be in [0, 1]", "e.g. 0.0 (the recipe) or 0.1")
+    if _get(config, "smooth.lora", None):
+        yield from _at_least(config, "smooth.lora.rank", 1, fix="e.g. 8 (the recipe)")
+        yield from _positive(config, "smooth.lora.alpha", allow_none=True)
+    if _get(config, "model.name") == "unet" and not _get(config, "model.pretrained", None):
+        yield ("config.model.pretrained is not set; Smooth Diffusion fine-tunes a local diffusers "
+               "folder: --config configs/sd15_smooth.py:/path/to/stable-diffusion-v1-5.")
 
 
 def _samplers(config):

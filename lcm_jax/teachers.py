@@ -26,7 +26,7 @@ log = logging.getLogger("lcm_jax")
 
 
 def w_embedding_dim(config) -> int:
-    return config.lcd.get("w_embedding_dim", 256)
+    return (config.get("lcd", None) or {}).get("w_embedding_dim", 256)
 
 
 # ==============================================================================================
@@ -79,7 +79,7 @@ def from_pretrained(config) -> Teacher:
                 f"and config.lcd.w_embedding_dim={w_embedding_dim(config)}: point "
                 f"config.model.pretrained at an LCM folder (e.g. LCM_Dreamshaper_v7) and set "
                 f"w_embedding_dim to its time_cond_proj_dim.")
-    elif not config.lcd.get("lora"):
+    elif config.objective in ("lcd", "tcd") and not config.lcd.get("lora"):
         student_config = dict(convert.read_config(sub("unet")),
                               time_cond_proj_dim=w_embedding_dim(config))
         student = models.Denoiser(unet.from_config(student_config, dtype=dtype, remat=remat))
@@ -170,6 +170,11 @@ def train_chained(config, workdir: str, images: np.ndarray, labels: np.ndarray) 
 def student_path(workdir: str) -> str:
     """Where a digits LCD / TCD run (README command 1) exports its student's EMA params."""
     return os.path.join(workdir, "student", "ema_params.msgpack")
+
+
+def smooth_path(workdir: str) -> str:
+    """Where a Smooth Diffusion run exports its trained params (LoRA factors or the full set)."""
+    return os.path.join(workdir, "smooth", "params.msgpack")
 
 
 def distilled_from_chained(config, workdir: str) -> Teacher:

@@ -43,6 +43,8 @@ class TrainState:
     ema_params: Any  # the EMA / target network (theta^- of consistency distillation)
     opt_state: Any
     rng: jnp.ndarray  # base key; step s uses fold_in(rng, s), so a resumed run draws the same
+    stats: Any = None  # running statistics an objective keeps beside the params, checkpointed
+    # with them (Smooth Diffusion's mean variation); None for most objectives
 
 
 # ==============================================================================================

@@ -1,6 +1,6 @@
 """Two tiny train steps on 8 simulated CPU devices in every parallel layout; prints JSON.
 
-  python tests/parallel_check.py [diffusion|lcd|tcd|lego][,...]
+  python tests/parallel_check.py [diffusion|lcd|tcd|smooth|lego][,...]
 Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/test_parallel.py does).
 """
 import json
@@ -35,8 +35,18 @@ def build(objective_name, mode, data, fsdp):
         model = models.make_model(config.model, 1)
         return config, objectives.make_objective(config, model, (16, 16, 1)), pipeline
     import test_lcd  # the tiny LCD teacher: random DiT + random VAE, 8x8 digits
-
     from lcm_jax import data as data_lib
+
+    if objective_name == "smooth":  # the VJP penalty and its running mean, averaged globally
+        import test_smooth
+        from lcm_jax.objectives.smooth import SmoothObjective
+
+        config = test_smooth.tiny_config()
+        config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
+        pipeline = data_lib.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
+        teacher = test_lcd.tiny_teacher(config, w_dim=8)
+        return config, SmoothObjective(config, teacher), pipeline
+
     from lcm_jax.objectives.lcd import LCDObjective
     from lcm_jax.objectives.tcd import TCDObjective
 
@@ -61,8 +71,8 @@ def two_steps(objective_name, mode, data, fsdp):
     sharded = 0
     if mode == "jit":  # how many params are split over 'fsdp'
         sharded = sum("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(state.params))
-    params = jax.tree.leaves(jax.device_get(program.host_state(state).params))
-    return losses, params, sharded
+    host = jax.device_get(program.host_state(state))
+    return losses, jax.tree.leaves((host.params, host.stats)), sharded
 
 
 def main():

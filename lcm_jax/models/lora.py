@@ -27,15 +27,20 @@ from lcm_jax.models import convert
 # The LCM-LoRA set (latent-consistency/lcm-lora-sdv1-5's adapter config).
 LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "proj_in", "proj_out", "proj", "net_2",
                     "conv1", "conv2", "conv_shortcut", "conv", "time_emb_proj")
+# Attention only (Smooth Diffusion's recipe): SD's q / k / v / out, the DiT's fused qkv and out.
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "attn/qkv", "attn/proj")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def _targeted(path: tuple, targets: Iterable[str]) -> bool:
     """A kernel whose module name is a target. `proj` means ff.net.0.proj (GEGLU's projection)
-    and `conv` the resamplers' convs: their parents are net_0 / downsamplers_k / upsamplers_k."""
+    and `conv` the resamplers' convs: their parents are net_0 / downsamplers_k / upsamplers_k.
+    A target 'parent/name' names the module with its parent (the DiT's 'attn/proj')."""
     if path[-1] != "kernel" or len(path) < 2:
         return False
     name, parent = path[-2], path[-3] if len(path) > 2 else ""
+    if f"{parent}/{name}" in targets:
+        return True
     if name == "proj" and parent != "net_0":
         return False
     if name == "conv" and not re.fullmatch(r"(down|up)samplers_\d+", parent):
