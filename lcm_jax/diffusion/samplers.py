@@ -67,6 +67,17 @@ def _need_rng(rng, name):
 
 # ----------------------------------------------------------------------------------------------
 
+def ddim_grid(schedule: sched.Schedule, num_steps: int, timestep_spacing: str = "leading",
+              steps_offset: int = 1, set_alpha_to_one: bool = False):
+    """(timesteps [n] descending, abar at each step's target [n]) of diffusers' DDIMScheduler;
+    the last step lands on abar = 1 (set_alpha_to_one) or abar_0."""
+    T = schedule.num_train_timesteps
+    ts = sched.ddim_timesteps(num_steps, T, timestep_spacing, steps_offset)
+    prev = ts - T // num_steps
+    final = 1.0 if set_alpha_to_one else schedule.alphas_cumprod[0]
+    return ts, jnp.where(prev >= 0, schedule.alphas_cumprod[np.maximum(prev, 0)], final)
+
+
 def ddim(model_fn: ModelFn, x, schedule: sched.Schedule, num_steps: int, *,
          prediction_type: str = "epsilon", eta: float = 0.0, rng=None,
          timestep_spacing: str = "leading", steps_offset: int = 1,
@@ -74,11 +85,7 @@ def ddim(model_fn: ModelFn, x, schedule: sched.Schedule, num_steps: int, *,
     """DDIM (Song et al.) with eta; defaults are Stable Diffusion's scheduler config."""
     if eta > 0:
         _need_rng(rng, "DDIM with eta > 0")
-    T = schedule.num_train_timesteps
-    ts = sched.ddim_timesteps(num_steps, T, timestep_spacing, steps_offset)
-    prev = ts - T // num_steps
-    final = 1.0 if set_alpha_to_one else schedule.alphas_cumprod[0]
-    abar_prev = jnp.where(prev >= 0, schedule.alphas_cumprod[np.maximum(prev, 0)], final)
+    ts, abar_prev = ddim_grid(schedule, num_steps, timestep_spacing, steps_offset, set_alpha_to_one)
 
     def step(x, s):
         x0, eps = _evaluate(model_fn, x, s["t"], schedule, prediction_type)
