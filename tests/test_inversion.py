@@ -109,7 +109,9 @@ def test_slerp():
     b = jax.random.normal(jax.random.PRNGKey(4), (2, 8))
     np.testing.assert_allclose(inversion.slerp(a, b, 0.0), a, atol=1e-6)
     np.testing.assert_allclose(inversion.slerp(a, b, 1.0), b, atol=1e-5)
-    mid = inversion.slerp(a, b, 0.5)  # on the great circle: the angle to both ends is equal
+    a, b = a / jnp.linalg.norm(a, axis=-1, keepdims=True), b / jnp.linalg.norm(b, axis=-1, keepdims=True)
+    mid = inversion.slerp(a, b, 0.5)  # on the great circle: unit norm, equal angles to both ends
+    np.testing.assert_allclose(jnp.linalg.norm(mid, axis=-1), 1.0, rtol=1e-5)
     cos = lambda u, v: jnp.sum(u * v, -1) / jnp.linalg.norm(u, axis=-1) / jnp.linalg.norm(v, axis=-1)
     np.testing.assert_allclose(cos(mid, a), cos(mid, b), rtol=1e-5)
     np.testing.assert_allclose(inversion.slerp(a, a * 1.0001, 0.25), a * 1.000025, rtol=1e-5)  # lerp
