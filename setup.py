@@ -28,8 +28,8 @@ setup(
     ],
     extras_require={
         # torch + diffusers are test-time references only: lcm_jax never imports them.
-        # nbclient + ipykernel + matplotlib run notebooks/ in the tests.
+        # nbclient + ipykernel + matplotlib run notebooks/ in the tests; scikit-image checks SSIM.
         "dev": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "peft", "nbclient",
-                "nbformat", "ipykernel", "matplotlib"],
+                "nbformat", "ipykernel", "matplotlib", "scikit-image"],
     },
 )
