@@ -7,8 +7,11 @@ The teacher (a class-conditional latent DiT) is fine-tuned with the eps-MSE + la
 step-wise variation penalty; LoRA rank 8 on every attention projection (the DiT's fused qkv and
 its output: the paper's q / k / v / out), AdamW lr 1e-4 constant, grad clip 1, lambda 1 (the
 recipe), 10% condition dropout (the teacher's, so that its guided sampling keeps working; the SD
-recipe has none). W/results.json: FD-digits and accuracy of DDIM-50 samples at guidance 1.5;
-ISTD, inversion and the lambda sweep: experiments/smooth_digits.py (README "Smooth Diffusion").
+recipe has none). W/results.json: FD-digits and accuracy of DDIM-50 samples at guidance 1.5.
+
+Expected on the 2-core CPU: ~6 min (1,000 steps at ~3 steps/s, then the evaluation); FD-digits
+15.68 at 81.4% accuracy (the base teacher: 10.50, 81.8%), ISTD 0.217 -> 0.196. ISTD, inversion
+and the lambda sweep: experiments/smooth_digits.py (README "Smooth Diffusion").
 
 Short arguments: `configs/digits_smooth.py:tiny` is the seconds-long variant the tests use.
 """

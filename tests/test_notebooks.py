@@ -13,6 +13,9 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 TINY = {
     "lego_bricks.ipynb": dict(TINY=True, TRAIN_STEPS=4, WORKDIR="{tmp}/lego", NUM_SAMPLES=16,
                               T_BREAKS=[0.5], HEUN_STEPS=2),
+    "smooth_interpolation.ipynb": dict(TINY=True, TEACHER_WORKDIR="{tmp}/chain",
+                                       SMOOTH_WORKDIR="{tmp}/smooth", TRAIN_STEPS=2, NUM_STEPS=2,
+                                       NUM_FRAMES=3, NUM_IMAGES=2),
     "tcd_vs_lcm.ipynb": dict(TINY=True, TEACHER_WORKDIR="{tmp}/chain", STUDY_DIR="{tmp}/study",
                              TRAIN_STEPS=2, STEPS=[2], GAMMAS=[0.5], NUM_SAMPLES=20),
 }

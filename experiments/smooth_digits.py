@@ -1,0 +1,203 @@
+r"""Smooth Diffusion on README command 1's digits teacher: Smooth-LoRA vs the base, and a lambda sweep.
+
+  python experiments/smooth_digits.py --teacher_workdir workdirs/digits_lcd --out workdirs/smooth_digits \
+      [--lambdas 0,0.1,1,10] [--steps 1000] [--pairs 5] [--nti 50]
+
+1. Trains configs/digits_smooth.py at each lambda in OUT/lambda_<value> (skipped once it has
+   exported OUT/lambda_<value>/smooth/params.msgpack). lambda 0 is the control: the same LoRA
+   fine-tune without the regulariser, so that what the regulariser does is told apart from what
+   any fine-tuning does. `--full_lambdas` adds full fine-tuning runs (every parameter, lr
+   `--full_lr`) in OUT/full_lambda_<value>.
+2. Scores the base teacher and every run, all from the same noises:
+   - ISTD: 10 classes x `pairs` noise pairs, 11 slerp latents each, DDIM-50 at guidance 1.5,
+     decoded (lcm_jax.eval.istd defaults: [0, 1] pixels, L2 = sqrt of the sum, ddof 0);
+   - FD-digits and accuracy of 500 DDIM-50 samples at guidance 1.5;
+   - DDIM-inversion reconstruction of the 300 test digits (inverted with their label, generated
+     back at guidance 1 and 1.5): PSNR and SSIM in [0, 1] pixels; null-text inversion at 1.5 on
+     the first `nti` test digits (one set of nulls per image); the VAE's own reconstruction as
+     the ceiling.
+3. Writes OUT/results.json, OUT/strip.png (11-frame interpolations: base above, Smooth
+   lambda = 1 below, for four classes) and prints the markdown tables of the README.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GUIDANCE = 1.5
+
+
+def run_dir(out: str, lam: float, full: bool = False) -> str:
+    return os.path.join(out, f"{'full_' if full else ''}lambda_{lam}")
+
+
+def run_config(config, lam: float, full_lr: float | None = None):
+    """The study's config at lambda; full_lr: every parameter trained (no LoRA) at that lr."""
+    c = config.copy_and_resolve_references()
+    c.smooth.lambda_reg = lam
+    if full_lr is not None:
+        c.smooth.lora = None
+        c.optimizer.lr = full_lr
+    return c
+
+
+def train(config, workdir: str) -> str:
+    from lcm_jax import teachers
+
+    import main as entry
+
+    if not os.path.isfile(teachers.smooth_path(workdir)):
+        entry.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def score_model(model, objective, params, frozen, config, evaluator, args, test_images, test_labels):
+    """ISTD, FD / accuracy, inversion PSNR / SSIM of one LatentModel (and its objective's sampler)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lcm_jax.eval import image_metrics, istd, sampling
+
+    out = {}
+    # ISTD: the same noise pairs for every model.
+    classes = np.repeat(np.arange(10), args.pairs)
+    shape = (len(classes),) + model.latent_shape
+    noise_a = jax.random.normal(jax.random.PRNGKey(100), shape)
+    noise_b = jax.random.normal(jax.random.PRNGKey(101), shape)
+    generate = lambda x, labels: model.generate(x, jnp.asarray(labels), guidance_scale=GUIDANCE)
+    frames = istd.interpolation_frames(generate, noise_a, noise_b, classes)
+    result = istd.istd(frames)
+    out["istd"] = result["istd"]
+    out["mean_step"] = float(result["distances"].mean())
+    # FD-digits / accuracy (DDIM-50, guidance 1.5, 500 samples from the seed of every run).
+    metrics, _ = sampling.evaluate_digits(objective.sample_fn, params, frozen, config.eval, evaluator,
+                                          seed=config.seed)
+    out.update(fd=metrics["fd"], acc=metrics["acc"])
+    # Inversion of the test digits.
+    to01 = lambda x: (np.asarray(x) + 1.0) / 2.0
+    for g in (1.0, GUIDANCE):
+        inv = model.invert(test_images, test_labels, guidance_scale=g)
+        rec = model.reconstruct(inv)
+        out[f"ddim_psnr_g{g}"] = float(np.mean(image_metrics.psnr(to01(rec), to01(test_images))))
+        out[f"ddim_ssim_g{g}"] = float(np.mean(image_metrics.ssim(to01(rec), to01(test_images), win_size=7)))
+    if args.nti:
+        n = args.nti
+        inv = model.invert(test_images[:n], test_labels[:n], guidance_scale=GUIDANCE, null_text=True,
+                           shared_nulls=False)
+        rec = model.reconstruct(inv)
+        out["nti_psnr"] = float(np.mean(image_metrics.psnr(to01(rec), to01(test_images[:n]))))
+        out["nti_ssim"] = float(np.mean(image_metrics.ssim(to01(rec), to01(test_images[:n]))))
+    return out, frames
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher_workdir", default="workdirs/digits_lcd")
+    parser.add_argument("--out", default="workdirs/smooth_digits")
+    parser.add_argument("--lambdas", default="0,0.1,1,10")
+    parser.add_argument("--full_lambdas", default="1", help="full fine-tuning runs ('' for none)")
+    parser.add_argument("--full_lr", type=float, default=1e-5)
+    parser.add_argument("--no_base", action="store_true", help="skip scoring the base (reruns)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--nti", type=int, default=50)
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+    import jax
+    import numpy as np
+
+    from configs import digits_smooth
+    from lcm_jax import config_checks, editing, teachers
+    from lcm_jax.data import digits
+    from lcm_jax.eval import digits_metrics
+    from lcm_jax.objectives.smooth import SmoothObjective
+
+    config = digits_smooth.get_config()
+    config.smooth.teacher_workdir = args.teacher_workdir
+    config.total_steps = args.steps
+    config.wandb.mode = "disabled"
+    config_checks.validate(config)
+    lambdas = [float(x) for x in args.lambdas.split(",") if x]
+    full = [float(x) for x in args.full_lambdas.split(",") if x]
+    runs = [(f"lambda_{lam}", run_config(config, lam), run_dir(args.out, lam)) for lam in lambdas]
+    runs += [(f"full_lambda_{lam}", run_config(config, lam, args.full_lr), run_dir(args.out, lam, True))
+             for lam in full]
+    for _, c, workdir in runs:
+        train(c, workdir)
+
+    evaluator = digits_metrics.DigitsEvaluator(config.data.image_size, 1)
+    test_images, test_labels = digits.load("test", config.data.image_size, 1)
+    images, labels = digits.load("train", config.data.image_size, 1)
+    teacher = teachers.train_chained(config, args.teacher_workdir, images, labels)
+
+    path = os.path.join(args.out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}  # reruns add their models
+    strips = {}
+    models = ([] if args.no_base else [("base", config, None)]) + runs
+    for name, c, workdir in models:
+        t0 = time.time()
+        model = editing.LatentModel.from_digits(c, args.teacher_workdir, workdir)
+        run_objective = SmoothObjective(c, teacher)
+        template = run_objective.init_state(jax.random.PRNGKey(0), run_objective.frozen).params
+        params = template if workdir is None else teachers.load_params(teachers.smooth_path(workdir),
+                                                                        template)
+        results[name], strips[name] = score_model(model, run_objective, params, run_objective.frozen,
+                                                  c, evaluator, args, test_images, test_labels)
+        results[name]["seconds"] = time.time() - t0
+        print(name, json.dumps(results[name]), flush=True)
+    vae = teacher.vae
+    rec = np.asarray(vae.decode_latents(teacher.vae_params, vae.encode_to_latents(teacher.vae_params, test_images)))
+    from lcm_jax.eval import image_metrics
+
+    to01 = lambda x: (np.clip(np.asarray(x), -1, 1) + 1.0) / 2.0
+    results["vae"] = {"psnr": float(np.mean(image_metrics.psnr(to01(rec), to01(test_images)))),
+                      "ssim": float(np.mean(image_metrics.ssim(to01(rec), to01(test_images))))}
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    if "base" in strips:
+        save_strip(os.path.join(args.out, "strip.png"), strips["base"], strips.get("lambda_1.0"), args.pairs)
+    print(tables(results))
+
+
+def save_strip(path: str, base, smooth, pairs: int, classes=(0, 3, 5, 8)) -> None:
+    """Per class (its first noise pair): the base's 11 frames above Smooth's, a white line
+    between classes; 4x nearest-neighbour upscaled."""
+    import numpy as np
+    from PIL import Image
+
+    from lcm_jax.train import image_grid
+
+    blocks = []
+    for c in classes:
+        rows = [base[c * pairs]] + ([smooth[c * pairs]] if smooth is not None else [])
+        blocks.append(image_grid(np.concatenate(rows), columns=base.shape[1])[..., 0])
+        blocks.append(np.full((2, blocks[-1].shape[1]), 255, np.uint8))
+    grid = np.concatenate(blocks[:-1])
+    Image.fromarray(np.kron(grid, np.ones((4, 4), np.uint8))).save(path)
+
+
+def tables(results: dict) -> str:
+    lines = ["| model | ISTD | mean step | FD-digits | acc | DDIM-inv PSNR g1 / g1.5 | SSIM g1 / g1.5 | NTI PSNR / SSIM |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name == "vae":
+            continue
+        nti = f"{r['nti_psnr']:.2f} / {r['nti_ssim']:.3f}" if "nti_psnr" in r else "-"
+        lines.append(f"| {name} | {r['istd']:.3f} | {r['mean_step']:.2f} | {r['fd']:.2f} | {r['acc']:.3f} | "
+                     f"{r['ddim_psnr_g1.0']:.2f} / {r['ddim_psnr_g1.5']:.2f} | "
+                     f"{r['ddim_ssim_g1.0']:.3f} / {r['ddim_ssim_g1.5']:.3f} | {nti} |")
+    if "vae" in results:
+        lines.append(f"| VAE reconstruction (ceiling) | | | | | {results['vae']['psnr']:.2f} | "
+                     f"{results['vae']['ssim']:.3f} | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

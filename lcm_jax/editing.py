@@ -1,0 +1,232 @@
+"""Real-image inversion, interpolation and editing on a latent diffusion model (Smooth Diffusion's
+applications), for a local Stable Diffusion folder and for the digits teacher alike.
+
+  model = LatentModel.from_stable_diffusion(pipeline.StableDiffusion.from_pretrained(folder))
+  model = LatentModel.from_digits(config, "workdirs/digits_lcd", smooth_workdir=None)
+  inv = model.invert(images, ["a cat"], null_text=True)        # DDIM (+ null-text) inversion
+  images = model.reconstruct(inv)
+  frames = model.interpolate(inv_a, inv_b)                     # slerp x_T, lerp the conditions
+  edited = model.edit(images, ["a cat"], ["a dog"], ratio=0.8)  # prompt switch after (1 - r) N
+
+Conditions are prompts (SD) or class labels / captions (digits: labels play the prompts' role).
+The unconditional input that null-text inversion optimises is the empty prompt's embedding (SD)
+or the null class's embedding row (digits). DDIM follows the model's scheduler conventions
+(`ddim`: SD's leading spacing with steps_offset 1; the digits teacher's trailing grid to abar = 1).
+Every method runs one jitted program per shape and step count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcm_jax.diffusion import inversion
+from lcm_jax.diffusion import schedule as sched
+
+DIGITS_DDIM = {"timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True}
+SD_DDIM = {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Inversion:
+    """The DDIM-inverted trajectory [n + 1, B, ...] (x_0 ... x_T), the conditions it was inverted
+    with, the per-step null inputs of null-text inversion (None for plain DDIM inversion) and the
+    guidance scale they were optimised for."""
+    trajectory: Any
+    cond: Any
+    nulls: Any = None
+    guidance_scale: float = 1.0
+
+    @property
+    def x_T(self):
+        return self.trajectory[-1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.trajectory.shape[0] - 1
+
+    def select(self, index) -> "Inversion":
+        """Some images of the batch (they keep the batch's shared nulls)."""
+        take = lambda a: a[index] if jnp.ndim(index) else a[index:index + 1]
+        return dataclasses.replace(self, trajectory=self.trajectory[:, index] if jnp.ndim(index)
+                                   else self.trajectory[:, index:index + 1],
+                                   cond=jax.tree.map(take, self.cond))
+
+
+@dataclasses.dataclass(eq=False)
+class LatentModel:
+    apply: Callable  # (params, x, t, cond) -> the raw prediction
+    uncond_apply: Callable  # (params, null, x, t) -> the prediction with the unconditional input null
+    params: Any
+    null: Any  # the unconditional input (an embedding)
+    schedule: sched.Schedule
+    prediction_type: str
+    encode: Callable  # images [B, H, W, C] in [-1, 1] -> latents
+    decode: Callable  # latents -> images in [-1, 1]
+    condition: Callable  # prompts / labels -> a cond pytree [B, ...]
+    ddim: dict
+    latent_shape: tuple  # (h, w, c) of the latents at the model's native size
+    lerp_conditions: bool = True  # False: class labels cannot be mixed (digits)
+
+    # -- builders -----------------------------------------------------------------------------
+    @classmethod
+    def from_stable_diffusion(cls, pipe) -> "LatentModel":
+        unet_apply = lambda p, x, t, cond: pipe.unet.apply({"params": p}, x, t, cond["encoder_hidden_states"])
+        empty = pipe.encode_prompt([""])  # [1, L, D]
+
+        def uncond_apply(p, null, x, t):
+            return pipe.unet.apply({"params": p}, x, t, jnp.broadcast_to(null, (x.shape[0],) + null.shape[1:]))
+
+        sc = pipe.scheduler_config
+        ddim = {"timestep_spacing": sc.get("timestep_spacing", "leading"),
+                "steps_offset": sc.get("steps_offset", 1),
+                "set_alpha_to_one": sc.get("set_alpha_to_one", False)}
+        return cls(unet_apply, uncond_apply, pipe.unet_params, empty, pipe.schedule,
+                   sc.get("prediction_type", "epsilon"),
+                   lambda images: pipe.vae.encode_to_latents(pipe.vae_params, images),
+                   lambda z: jnp.clip(pipe.vae.decode_latents(pipe.vae_params, z), -1.0, 1.0),
+                   lambda prompts: {"encoder_hidden_states": pipe.encode_prompt(list(prompts))}, ddim,
+                   (pipe.sample_size, pipe.sample_size, pipe.unet.config.in_channels))
+
+    @classmethod
+    def from_digits(cls, config, teacher_workdir: str, smooth_workdir: str | None = None) -> "LatentModel":
+        """The digits teacher of README command 1 (its chain in `teacher_workdir`, trained there
+        if absent), optionally with the params a Smooth Diffusion run exported (LoRA merged)."""
+        from lcm_jax import teachers
+        from lcm_jax.data import digits
+
+        images, labels = digits.load("train", config.data.image_size, config.data.get("channels", 1))
+        teacher = teachers.train_chained(config, teacher_workdir, images, labels)
+        params = teacher.params
+        if smooth_workdir:
+            from lcm_jax.objectives.smooth import SmoothObjective
+
+            objective = SmoothObjective(config, teacher)
+            template = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), objective.frozen).params
+            trained = teachers.load_params(teachers.smooth_path(smooth_workdir), template)
+            params = objective.model_params(trained, objective.frozen)
+        null_class = teacher.conditioning.null_class
+        row = params["y_embedder"]["embedding"][null_class]
+        apply = lambda p, x, t, labels: teacher.net.apply(p, x, t, labels)
+
+        def uncond_apply(p, null, x, t):
+            table = p["y_embedder"]["embedding"].at[null_class].set(null)
+            p = dict(p, y_embedder=dict(p["y_embedder"], embedding=table))
+            return teacher.net.apply(p, x, t, jnp.full((x.shape[0],), null_class, jnp.int32))
+
+        vae, vae_params = teacher.vae, teacher.vae_params
+        names = list(digits.captions(np.arange(null_class)))
+
+        def condition(prompts):
+            return jnp.asarray([names.index(p) if isinstance(p, str) else int(p) for p in prompts], jnp.int32)
+
+        return cls(apply, uncond_apply, params, row, teacher.schedule, teacher.prediction_type,
+                   lambda im: vae.encode_to_latents(vae_params, im),
+                   lambda z: jnp.clip(vae.decode_latents(vae_params, z), -1.0, 1.0),
+                   condition, DIGITS_DDIM, tuple(teacher.latent_shape), lerp_conditions=False)
+
+    # -- the operations -----------------------------------------------------------------------
+    def invert(self, images, prompts: Sequence, *, num_steps: int = 50, guidance_scale: float = 7.5,
+               null_text: bool = False, shared_nulls: bool = True,
+               inner_steps: int = 10) -> Inversion:
+        """DDIM inversion with the conditional model (as Mokady et al.), then, with null_text,
+        the per-step null inputs that make guided DDIM retrace it: one set for the whole batch
+        (shared_nulls, what interpolating two real images needs) or one set per image
+        (Inversion.nulls then [B, n, ...]; reconstruct handles both)."""
+        cond = self.condition(prompts)
+        trajectory = self._invert(num_steps)(self.params, self.encode(jnp.asarray(images)), cond)
+        if not null_text:
+            return Inversion(trajectory, cond, None, guidance_scale)
+        nulls = self._null_text(num_steps, float(guidance_scale), inner_steps, shared_nulls)(
+            self.params, self.null, trajectory, cond)
+        return Inversion(trajectory, cond, nulls, guidance_scale)
+
+    def generate(self, x_T, cond, *, num_steps: int = 50, guidance_scale: float = 7.5,
+                 nulls=None, target_cond=None, switch_step: int | None = None):
+        """Images [-1, 1] by DDIM with CFG from x_T: per-step nulls if given, and the condition
+        switched to `target_cond` from step `switch_step` on (prompt-switch editing)."""
+        if nulls is None:
+            nulls = jnp.broadcast_to(self.null, (num_steps,) + jnp.shape(self.null))
+        target = cond if target_cond is None else target_cond
+        switch = num_steps if switch_step is None else switch_step
+        return self._generate(num_steps, float(guidance_scale))(self.params, x_T, cond, target,
+                                                                 nulls, jnp.int32(switch))
+
+    def reconstruct(self, inv: Inversion):
+        if inv.nulls is not None and inv.nulls.ndim == jnp.ndim(self.null) + 2:  # one set per image
+            run = jax.vmap(lambda x, c, n: self._generate(inv.num_steps, float(inv.guidance_scale))(
+                self.params, x[None], jax.tree.map(lambda a: a[None], c), jax.tree.map(lambda a: a[None], c),
+                n, jnp.int32(inv.num_steps))[0])
+            return run(inv.x_T, inv.cond, inv.nulls)
+        return self.generate(inv.x_T, inv.cond, num_steps=inv.num_steps,
+                             guidance_scale=inv.guidance_scale, nulls=inv.nulls)
+
+    def interpolate(self, a: Inversion, b: Inversion, etas=np.linspace(0, 1, 11)):
+        """Frames [B, F, H, W, C]: slerp of the inverted x_T, lerp of the conditions (SD), the
+        per-step nulls averaged when both have them (invert the two images together for one
+        shared set, as the paper; per-image sets are averaged over their images)."""
+        if not self.lerp_conditions and not bool(jnp.all(a.cond == b.cond)):
+            raise ValueError("Class labels cannot be interpolated: invert two images of the same "
+                             "class (or interpolate SD prompts).")
+        shared = lambda n: n if n.ndim == jnp.ndim(self.null) + 1 else n.mean(0)  # per image: mean
+        nulls = None if a.nulls is None or b.nulls is None else (shared(a.nulls) + shared(b.nulls)) / 2
+        frames = []
+        for eta in etas:
+            cond = jax.tree.map(lambda u, v: (1 - eta) * u + eta * v, a.cond, b.cond) \
+                if self.lerp_conditions else a.cond
+            frames.append(self.generate(inversion.slerp(a.x_T, b.x_T, float(eta)), cond,
+                                        num_steps=a.num_steps, guidance_scale=a.guidance_scale,
+                                        nulls=nulls))
+        return jnp.stack(frames, axis=1)
+
+    def edit(self, images, source: Sequence, target: Sequence, *, ratio: float = 0.8,
+             num_steps: int = 50, guidance_scale: float = 7.5, null_text: bool = True):
+        """Prompt-switch editing: invert with the source prompt, generate with it for the first
+        (1 - ratio) N steps, then with the target prompt."""
+        inv = self.invert(images, source, num_steps=num_steps, guidance_scale=guidance_scale,
+                          null_text=null_text)
+        switch = int(round((1.0 - ratio) * num_steps))
+        return self.generate(inv.x_T, inv.cond, num_steps=num_steps, guidance_scale=guidance_scale,
+                             nulls=inv.nulls, target_cond=self.condition(target), switch_step=switch)
+
+    # -- compiled programs ----------------------------------------------------------------------
+    @functools.lru_cache(maxsize=None)
+    def _invert(self, num_steps: int):
+        def run(params, latents, cond):
+            model_fn = lambda x, t: self.apply(params, x, t, cond)
+            return inversion.ddim_invert(model_fn, latents, self.schedule, num_steps,
+                                         prediction_type=self.prediction_type, **self.ddim)
+        return jax.jit(run)
+
+    @functools.lru_cache(maxsize=None)
+    def _null_text(self, num_steps: int, guidance: float, inner_steps: int, shared: bool):
+        def run(params, null, trajectory, cond):
+            return inversion.null_text_inversion(
+                lambda x, t: self.apply(params, x, t, cond),
+                lambda n, x, t: self.uncond_apply(params, n, x, t), null, trajectory,
+                self.schedule, num_steps, guidance, prediction_type=self.prediction_type,
+                inner_steps=inner_steps, **self.ddim)[0]
+        if shared:
+            return jax.jit(run)
+        one = lambda params, null, traj, c: run(params, null, traj[:, None],
+                                                jax.tree.map(lambda a: a[None], c))
+        return jax.jit(jax.vmap(one, in_axes=(None, None, 1, 0)))
+
+    @functools.lru_cache(maxsize=None)
+    def _generate(self, num_steps: int, guidance: float):
+        def run(params, x_T, cond, target, nulls, switch):
+            def step_model(x, t, i):
+                c = jax.tree.map(lambda s, g: jnp.where(i < switch, s, g), cond, target)
+                out = self.apply(params, x, t, c)
+                if guidance == 1.0:
+                    return out
+                u = self.uncond_apply(params, nulls[i], x, t)
+                return u + guidance * (out - u)
+            z = inversion.ddim_generate(step_model, x_T, self.schedule, num_steps,
+                                        prediction_type=self.prediction_type, **self.ddim)
+            return self.decode(z)
+        return jax.jit(run)
