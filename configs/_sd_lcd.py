@@ -1,5 +1,6 @@
 """Shared builder of the Stable Diffusion consistency configs: LCD (sd15_lcd.py, sd21_*_lcd.py,
-*_lcm_lora.py), TCD (sd15_tcd.py, sdxl_tcd_lora.py) and LCF (sd15_lcf.py).
+*_lcm_lora.py), TCD (sd15_tcd.py, sdxl_tcd_lora.py) and LCF (sd15_lcf.py); `sd_base` is what every
+SD config shares (also sd15_smooth.py).
 
 The teacher is a local diffusers pipeline folder, given as the config argument:
   --config configs/sd15_lcd.py:/path/to/stable-diffusion-v1-5
@@ -28,19 +29,8 @@ def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_r
                sampler: str = "lcm", ema_decay: float = 0.95) -> ml_collections.ConfigDict:
     """objective 'lcd', 'tcd' (the same step through TCD's trajectory function) or 'lcf' (the
     folder is an LCM, fine-tuned without a teacher); sampler 'lcm' or 'tcd' (gamma 0.3)."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.objective = objective
-    c.total_steps = 4000 if lora_rank else 10_000
-    c.batch_size = batch_size
-    c.data = ml_collections.ConfigDict(dict(
-        name="webdataset", path="", image_size=image_size, channels=3, caption_key="txt",
-        random_crop=True, random_flip=False, shuffle_buffer=1000))
-    c.model = ml_collections.ConfigDict(dict(
-        name="unet", pretrained=pretrained, dtype="float32", remat=True, clip_skip=None))
-    c.diffusion = ml_collections.ConfigDict(dict(  # SD's; the folder's scheduler config is used
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        num_train_timesteps=1000, prediction_type=prediction_type))
+    c = sd_base(pretrained, objective, image_size=image_size, prediction_type=prediction_type,
+                batch_size=batch_size, total_steps=4000 if lora_rank else 10_000)
     c.lcd = ml_collections.ConfigDict(dict(
         num_ddim_timesteps=50, solver="ddim", w_min=w_min, w_max=w_max, w_embedding_dim=256,
         loss=loss, huber_c=0.001, target="online" if lora_rank else "ema",
@@ -52,10 +42,6 @@ def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_r
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=lr, warmup_steps=500 if not lora_rank else 100, decay="constant", b1=0.9, b2=0.999,
         eps=1e-8, weight_decay=0.01 if lora_rank else 0.0, grad_clip=1.0))
-    c.parallel = ml_collections.ConfigDict(dict(
-        mode="jit", data=-1, fsdp=1, fsdp_min_size=2 ** 16, coordinator_address="",
-        num_processes=0, process_id=-1))
-    c.log_every_steps = 20
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
     c.sample = ml_collections.ConfigDict(dict(
         every_steps=500, sampler=sampler, gamma=0.3, num_steps=4, num_images=len(PROMPTS),
@@ -64,4 +50,27 @@ def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_r
     c.wandb = ml_collections.ConfigDict(dict(
         project="lcm_jax", entity="", mode="offline",
         tags=(objective, "lora" if lora_rank else "full")))
+    return c
+
+
+def sd_base(pretrained: str, objective: str, *, image_size: int, prediction_type: str,
+            batch_size: int, total_steps: int, seed: int = 0) -> ml_collections.ConfigDict:
+    """What every SD config shares: the folder, webdataset captions, SD's schedule, the mesh."""
+    c = ml_collections.ConfigDict()
+    c.seed = seed
+    c.objective = objective
+    c.total_steps = total_steps
+    c.batch_size = batch_size
+    c.data = ml_collections.ConfigDict(dict(
+        name="webdataset", path="", image_size=image_size, channels=3, caption_key="txt",
+        random_crop=True, random_flip=False, shuffle_buffer=1000))
+    c.model = ml_collections.ConfigDict(dict(
+        name="unet", pretrained=pretrained, dtype="float32", remat=True, clip_skip=None))
+    c.diffusion = ml_collections.ConfigDict(dict(  # SD's; the folder's scheduler config is used
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        num_train_timesteps=1000, prediction_type=prediction_type))
+    c.parallel = ml_collections.ConfigDict(dict(
+        mode="jit", data=-1, fsdp=1, fsdp_min_size=2 ** 16, coordinator_address="",
+        num_processes=0, process_id=-1))
+    c.log_every_steps = 20
     return c

@@ -12,24 +12,13 @@ pipe.load_lora_weights(W/smooth). Expected (the paper, SD 1.5, 500 COCO prompts)
 """
 import ml_collections
 
-from configs._sd_lcd import PROMPTS
+from configs._sd_lcd import PROMPTS, sd_base
 from lcm_jax.models.lora import ATTENTION_TARGETS
 
 
 def get_config(pretrained: str = "") -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.seed = 42
-    c.objective = "smooth"
-    c.total_steps = 30_000
-    c.batch_size = 96
-    c.data = ml_collections.ConfigDict(dict(
-        name="webdataset", path="", image_size=512, channels=3, caption_key="txt",
-        random_crop=True, random_flip=False, shuffle_buffer=1000))
-    c.model = ml_collections.ConfigDict(dict(
-        name="unet", pretrained=pretrained, dtype="float32", remat=True, clip_skip=None))
-    c.diffusion = ml_collections.ConfigDict(dict(  # SD's; the folder's scheduler config is used
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        num_train_timesteps=1000, prediction_type="epsilon"))
+    c = sd_base(pretrained, "smooth", image_size=512, prediction_type="epsilon", batch_size=96,
+                total_steps=30_000, seed=42)
     c.smooth = ml_collections.ConfigDict(dict(
         lambda_reg=1.0, decay=0.01, cond_drop_prob=0.0, sample_posterior=True,
         lora=ml_collections.ConfigDict(dict(rank=8, alpha=8.0, targets=ATTENTION_TARGETS))))
@@ -37,10 +26,6 @@ def get_config(pretrained: str = "") -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, warmup_steps=0, decay="constant", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
         grad_clip=1.0))
-    c.parallel = ml_collections.ConfigDict(dict(
-        mode="jit", data=-1, fsdp=1, fsdp_min_size=2 ** 16, coordinator_address="",
-        num_processes=0, process_id=-1))
-    c.log_every_steps = 20
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
     c.sample = ml_collections.ConfigDict(dict(
         every_steps=1000, sampler="ddim", num_steps=50, num_images=len(PROMPTS),

@@ -371,14 +371,24 @@ def _consistency_distillation(config):
     yield from _choice(config, "lcd.loss", LCD_LOSSES, "loss")
     yield from _positive(config, "lcd.huber_c")
     yield from _choice(config, "lcd.target", LCD_TARGETS, "target network")
-    if _get(config, "lcd.lora", None):
-        yield from _at_least(config, "lcd.lora.rank", 1, fix="e.g. 64 (LCM-LoRA)")
-        yield from _positive(config, "lcd.lora.alpha", allow_none=True)
-    if _get(config, "model.name") == "unet" and not _get(config, "model.pretrained", None):
-        yield ("config.model.pretrained is not set; Stable Diffusion distillation needs the "
-               "teacher's local diffusers folder: --config configs/sd15_lcd.py:/path/to/folder.")
+    yield from _lora(config, "lcd", "e.g. 64 (LCM-LoRA)")
+    yield from _sd_folder(config, "Stable Diffusion distillation needs the teacher's",
+                          "configs/sd15_lcd.py")
     if _get(config, "objective") == "lcf":
         yield from _fine_tuning(config)
+
+
+def _lora(config, section: str, rank_fix: str):
+    if _get(config, f"{section}.lora", None):
+        yield from _at_least(config, f"{section}.lora.rank", 1, fix=rank_fix)
+        yield from _positive(config, f"{section}.lora.alpha", allow_none=True)
+
+
+def _sd_folder(config, needs: str, config_file: str):
+    """A UNet objective without its local diffusers folder."""
+    if _get(config, "model.name") == "unet" and not _get(config, "model.pretrained", None):
+        yield (f"config.model.pretrained is not set; {needs} local diffusers folder: "
+               f"--config {config_file}:/path/to/folder.")
 
 
 def _fine_tuning(config):
@@ -415,12 +425,8 @@ def _smooth(config):
     drop = _get(config, "smooth.cond_drop_prob")
     if _present(drop) and (not _is_real(drop) or not 0 <= drop <= 1):
         yield _bad("smooth.cond_drop_prob", drop, "must be in [0, 1]", "e.g. 0.0 (the recipe) or 0.1")
-    if _get(config, "smooth.lora", None):
-        yield from _at_least(config, "smooth.lora.rank", 1, fix="e.g. 8 (the recipe)")
-        yield from _positive(config, "smooth.lora.alpha", allow_none=True)
-    if _get(config, "model.name") == "unet" and not _get(config, "model.pretrained", None):
-        yield ("config.model.pretrained is not set; Smooth Diffusion fine-tunes a local diffusers "
-               "folder: --config configs/sd15_smooth.py:/path/to/stable-diffusion-v1-5.")
+    yield from _lora(config, "smooth", "e.g. 8 (the recipe)")
+    yield from _sd_folder(config, "Smooth Diffusion fine-tunes a", "configs/sd15_smooth.py")
 
 
 def _samplers(config):

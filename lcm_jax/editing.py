@@ -141,8 +141,8 @@ class LatentModel:
         trajectory = self._invert(num_steps)(self.params, self.encode(jnp.asarray(images)), cond)
         if not null_text:
             return Inversion(trajectory, cond, None, guidance_scale)
-        nulls = self._null_text(num_steps, float(guidance_scale), inner_steps, shared_nulls)(
-            self.params, self.null, trajectory, cond)
+        nulls = self._null_text(num_steps, inner_steps, shared_nulls)(
+            self.params, self.null, trajectory, cond, jnp.float32(guidance_scale))
         return Inversion(trajectory, cond, nulls, guidance_scale)
 
     def generate(self, x_T, cond, *, num_steps: int = 50, guidance_scale: float = 7.5,
@@ -153,14 +153,14 @@ class LatentModel:
             nulls = jnp.broadcast_to(self.null, (num_steps,) + jnp.shape(self.null))
         target = cond if target_cond is None else target_cond
         switch = num_steps if switch_step is None else switch_step
-        return self._generate(num_steps, float(guidance_scale))(self.params, x_T, cond, target,
-                                                                 nulls, jnp.int32(switch))
+        return self._generate(num_steps)(self.params, x_T, cond, target, nulls, jnp.int32(switch),
+                                         jnp.float32(guidance_scale))
 
     def reconstruct(self, inv: Inversion):
         if inv.nulls is not None and inv.nulls.ndim == jnp.ndim(self.null) + 2:  # one set per image
-            run = jax.vmap(lambda x, c, n: self._generate(inv.num_steps, float(inv.guidance_scale))(
+            run = jax.vmap(lambda x, c, n: self._generate(inv.num_steps)(
                 self.params, x[None], jax.tree.map(lambda a: a[None], c), jax.tree.map(lambda a: a[None], c),
-                n, jnp.int32(inv.num_steps))[0])
+                n, jnp.int32(inv.num_steps), jnp.float32(inv.guidance_scale))[0])
             return run(inv.x_T, inv.cond, inv.nulls)
         return self.generate(inv.x_T, inv.cond, num_steps=inv.num_steps,
                              guidance_scale=inv.guidance_scale, nulls=inv.nulls)
@@ -203,8 +203,8 @@ class LatentModel:
         return jax.jit(run)
 
     @functools.lru_cache(maxsize=None)
-    def _null_text(self, num_steps: int, guidance: float, inner_steps: int, shared: bool):
-        def run(params, null, trajectory, cond):
+    def _null_text(self, num_steps: int, inner_steps: int, shared: bool):
+        def run(params, null, trajectory, cond, guidance):
             return inversion.null_text_inversion(
                 lambda x, t: self.apply(params, x, t, cond),
                 lambda n, x, t: self.uncond_apply(params, n, x, t), null, trajectory,
@@ -212,20 +212,18 @@ class LatentModel:
                 inner_steps=inner_steps, **self.ddim)[0]
         if shared:
             return jax.jit(run)
-        one = lambda params, null, traj, c: run(params, null, traj[:, None],
-                                                jax.tree.map(lambda a: a[None], c))
-        return jax.jit(jax.vmap(one, in_axes=(None, None, 1, 0)))
+        one = lambda params, null, traj, c, g: run(params, null, traj[:, None],
+                                                   jax.tree.map(lambda a: a[None], c), g)
+        return jax.jit(jax.vmap(one, in_axes=(None, None, 1, 0, None)))
 
     @functools.lru_cache(maxsize=None)
-    def _generate(self, num_steps: int, guidance: float):
-        def run(params, x_T, cond, target, nulls, switch):
+    def _generate(self, num_steps: int):
+        """One program for every guidance scale (a traced input; both branches always run)."""
+        def run(params, x_T, cond, target, nulls, switch, guidance):
             def step_model(x, t, i):
                 c = jax.tree.map(lambda s, g: jnp.where(i < switch, s, g), cond, target)
-                out = self.apply(params, x, t, c)
-                if guidance == 1.0:
-                    return out
                 u = self.uncond_apply(params, nulls[i], x, t)
-                return u + guidance * (out - u)
+                return u + guidance * (self.apply(params, x, t, c) - u)
             z = inversion.ddim_generate(step_model, x_T, self.schedule, num_steps,
                                         prediction_type=self.prediction_type, **self.ddim)
             return self.decode(z)

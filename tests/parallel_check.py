@@ -44,8 +44,7 @@ def build(objective_name, mode, data, fsdp):
         config = test_smooth.tiny_config()
         config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
         pipeline = data_lib.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
-        teacher = test_lcd.tiny_teacher(config, w_dim=8)
-        return config, SmoothObjective(config, teacher), pipeline
+        return config, SmoothObjective(config, tiny_teacher(config, 8)), pipeline
 
     from lcm_jax.objectives.lcd import LCDObjective
     from lcm_jax.objectives.tcd import TCDObjective
@@ -55,7 +54,20 @@ def build(objective_name, mode, data, fsdp):
     config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
     pipeline = data_lib.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
     objective = {"lcd": LCDObjective, "tcd": TCDObjective}[objective_name]
-    return config, objective(config, test_lcd.tiny_teacher(config)), pipeline
+    return config, objective(config, tiny_teacher(config, config.lcd.w_embedding_dim)), pipeline
+
+
+_TEACHERS = {}
+
+
+def tiny_teacher(config, w_dim):
+    """The tiny random teacher, built once per process (its init costs ~10 s; every layout and
+    objective of a check uses the same one)."""
+    import test_lcd
+
+    if w_dim not in _TEACHERS:
+        _TEACHERS[w_dim] = test_lcd.tiny_teacher(config, w_dim=w_dim)
+    return _TEACHERS[w_dim]
 
 
 def two_steps(objective_name, mode, data, fsdp):

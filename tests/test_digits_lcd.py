@@ -1,7 +1,6 @@
 """README command 1 at tiny scale: the whole digits chain (VAE -> latent cache -> teacher -> LCD ->
 the few-step table) through experiments/main.py, then a rerun that skips the finished stages, then
 LCF of the exported student on an image folder."""
-import dataclasses
 import json
 import os
 import sys
@@ -63,24 +62,3 @@ def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch
     moved = max(float(np.max(np.abs(a - b))) for a, b in
                 zip(jax.tree.leaves(final.params), jax.tree.leaves(lcm.params)))
     assert moved > 0
-
-    # Smooth Diffusion on the same cached chain, then its applications on the digits: DDIM and
-    # null-text inversion (one set of nulls per image), reconstruction, interpolation.
-    from configs import digits_smooth
-    from lcm_jax import editing
-
-    smooth = digits_smooth.get_config("tiny")
-    smooth.smooth.teacher_workdir = str(tmp_path)
-    results = entry.train_and_evaluate(smooth, str(tmp_path / "smooth"))
-    assert set(results) == {"ddim2"} and 0 <= results["ddim2"]["acc"] <= 1
-    model = editing.LatentModel.from_digits(smooth, str(tmp_path), str(tmp_path / "smooth"))
-    images, labels = data.digits.load("test", 16, 1)
-    inv = model.invert(images[:2], [3, 3], num_steps=2, guidance_scale=1.5, null_text=True,
-                       shared_nulls=False)
-    assert inv.nulls.shape == (2, 2, smooth.model.width)  # per image, per step: the null row
-    assert model.reconstruct(inv).shape == (2, 16, 16, 1)
-    frames = model.interpolate(inv.select(np.array([0])), inv.select(np.array([1])), etas=[0, 1])
-    assert frames.shape == (1, 2, 16, 16, 1)
-    with np.testing.assert_raises(ValueError):  # class labels cannot be mixed
-        model.interpolate(inv.select(np.array([0])),
-                          dataclasses.replace(inv.select(np.array([1])), cond=jax.numpy.array([5])))

@@ -115,3 +115,28 @@ def test_slerp():
     cos = lambda u, v: jnp.sum(u * v, -1) / jnp.linalg.norm(u, axis=-1) / jnp.linalg.norm(v, axis=-1)
     np.testing.assert_allclose(cos(mid, a), cos(mid, b), rtol=1e-5)
     np.testing.assert_allclose(inversion.slerp(a, a * 1.0001, 0.25), a * 1.000025, rtol=1e-5)  # lerp
+
+
+def test_latent_model_operations_on_a_toy_model():
+    """editing.LatentModel's plumbing on the toy: per-image null sets reconstruct like each image
+    inverted alone, shared sets interpolate, class labels refuse to be mixed."""
+    from lcm_jax import editing
+
+    model = editing.LatentModel(
+        apply=lambda p, x, t, labels: toy(x, t) + 0.01 * labels.reshape(-1, 1, 1, 1),
+        uncond_apply=lambda p, null, x, t: toy(x + null, t), params={}, null=jnp.zeros((4, 4)),
+        schedule=SCHEDULE, prediction_type="epsilon", encode=lambda x: x, decode=lambda z: z,
+        condition=lambda labels: jnp.asarray(labels, jnp.float32), ddim=editing.SD_DDIM,
+        latent_shape=(3, 4, 4), lerp_conditions=False)
+    images = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 4, 4))
+    each = model.invert(images, [1, 1], num_steps=4, guidance_scale=3.0, null_text=True, shared_nulls=False)
+    assert each.nulls.shape == (2, 4, 4, 4)
+    alone = model.invert(images[1:], [1], num_steps=4, guidance_scale=3.0, null_text=True)
+    np.testing.assert_allclose(each.nulls[1], alone.nulls, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.reconstruct(each)[1], model.reconstruct(alone)[0], rtol=1e-4, atol=1e-5)
+    shared = model.invert(images, [1, 1], num_steps=4, guidance_scale=3.0, null_text=True)
+    frames = model.interpolate(shared.select(np.array([0])), shared.select(np.array([1])), etas=[0.0, 1.0])
+    np.testing.assert_allclose(frames[0, 1], model.reconstruct(shared)[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Class labels cannot be interpolated"):
+        model.interpolate(shared.select(np.array([0])),
+                          editing.Inversion(shared.trajectory[:, 1:], jnp.array([2.0]), shared.nulls, 3.0))
