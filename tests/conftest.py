@@ -4,6 +4,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests import shared helpers
 
+# JAX's persistent compilation cache, shared by both xdist workers and inherited by every
+# subprocess and notebook kernel the tests start: the tiny chains, teachers and samplers that
+# several tests build compile once per run (a notebook rerun: 147 s -> 56 s). It only skips
+# recompiling identical programs; LCM_JAX_TEST_JAX_CACHE="" turns it off.
+_CACHE = os.environ.setdefault("LCM_JAX_TEST_JAX_CACHE", os.path.join(
+    __import__("tempfile").gettempdir(), f"lcm_jax_test_jax_cache_{os.getuid()}"))
+if _CACHE:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+    if "jax" in sys.modules:  # imported before this file: set it on the live config too
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
 
 def write_tiny_tokenizer(folder, model_max_length=None) -> int:
     """A tiny CLIP byte-level BPE vocabulary (letters, word-final letters, 'cat', 'dog') in
