@@ -117,8 +117,11 @@ class SmoothObjective:
         return jax.vmap(one)(keys)
 
     def latents(self, batch, frozen, posterior_noise):
+        """Cached latents, the VAE's (a posterior draw or the mean), or pixels (no VAE)."""
         if "latents" in batch:
             return batch["latents"]
+        if self.base.vae is None:
+            return batch["image"]
         noise = posterior_noise if self.smooth.get("sample_posterior", True) else None
         return self.base.vae.encode_to_latents(frozen["vae"], batch["image"], noise=noise)
 
