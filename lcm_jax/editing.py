@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import pipeline
 from lcm_jax.diffusion import inversion
 from lcm_jax.diffusion import schedule as sched
 
@@ -75,6 +76,9 @@ class LatentModel:
     # -- builders -----------------------------------------------------------------------------
     @classmethod
     def from_stable_diffusion(cls, pipe) -> "LatentModel":
+        if pipe.is_sdxl:
+            raise NotImplementedError("editing.LatentModel supports SD 1.x / 2.x folders; SDXL's "
+                                      "pooled and micro-conditioning inputs are not wired here.")
         unet_apply = lambda p, x, t, cond: pipe.unet.apply({"params": p}, x, t, cond["encoder_hidden_states"])
         empty = pipe.encode_prompt([""])  # [1, L, D]
 
@@ -82,9 +86,7 @@ class LatentModel:
             return pipe.unet.apply({"params": p}, x, t, jnp.broadcast_to(null, (x.shape[0],) + null.shape[1:]))
 
         sc = pipe.scheduler_config
-        ddim = {"timestep_spacing": sc.get("timestep_spacing", "leading"),
-                "steps_offset": sc.get("steps_offset", 1),
-                "set_alpha_to_one": sc.get("set_alpha_to_one", False)}
+        ddim = pipeline.scheduler_options(sc, "ddim")
         return cls(unet_apply, uncond_apply, pipe.unet_params, empty, pipe.schedule,
                    sc.get("prediction_type", "epsilon"),
                    lambda images: pipe.vae.encode_to_latents(pipe.vae_params, images),

@@ -1,6 +1,10 @@
-"""Text -> image end to end against diffusers' pipelines on a tiny random SD pipeline on disk:
-StableDiffusionPipeline + DDIMScheduler (classifier-free guidance with a negative prompt) and
-LatentConsistencyModelPipeline + LCMScheduler (w-embedding, fresh noise each step)."""
+"""Text -> image end to end against diffusers' pipelines on tiny random SD / SDXL pipelines on disk:
+StableDiffusionPipeline + DDIMScheduler (classifier-free guidance with a negative prompt),
+LatentConsistencyModelPipeline + LCMScheduler (w-embedding, fresh noise each step), the scheduler
+fields each sampler reads from the folder, w-embedded UNets under every sampler, the LCM-LoRA route
+(LCM sampler with CFG), and StableDiffusionXLPipeline (DDIM + CFG, LCM)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -13,7 +17,7 @@ import jax  # noqa: E402
 from lcm_jax import pipeline  # noqa: E402
 from lcm_jax.diffusion import samplers  # noqa: E402
 from conftest import write_tiny_tokenizer  # noqa: E402
-from test_unet import BASE  # noqa: E402
+from test_unet import BASE, CONFIGS  # noqa: E402
 
 PROMPT, NEGATIVE = "a cat", "a dog"
 
@@ -30,19 +34,29 @@ def randomize(model):
     return model.eval()
 
 
+def tiny_text_encoder(vocab, hidden=12, projection_dim=None):
+    config = transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=12, bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1, pad_token_id=vocab - 1, projection_dim=projection_dim or hidden)
+    cls = transformers.CLIPTextModelWithProjection if projection_dim else transformers.CLIPTextModel
+    return randomize(cls(config))
+
+
+def tiny_vae():
+    return randomize(diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1,
+                                             norm_num_groups=4, latent_channels=4, sample_size=16,
+                                             down_block_types=("DownEncoderBlock2D",) * 2,
+                                             up_block_types=("UpDecoderBlock2D",) * 2))
+
+
 def build(tmp, kind):
     torch.manual_seed(0)
     tokenizer, vocab = tiny_tokenizer(tmp / "tok")
-    text = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=12, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=12, bos_token_id=vocab - 2,
-        eos_token_id=vocab - 1, pad_token_id=vocab - 1)))
+    text = tiny_text_encoder(vocab)
     unet_config = dict(BASE, cross_attention_dim=12, **({"time_cond_proj_dim": 8} if kind == "lcm" else {}))
     unet = randomize(diffusers.UNet2DConditionModel(**unet_config))
-    vae = randomize(diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1,
-                                            norm_num_groups=4, latent_channels=4, sample_size=16,
-                                            down_block_types=("DownEncoderBlock2D",) * 2,
-                                            up_block_types=("UpDecoderBlock2D",) * 2))
+    vae = tiny_vae()
     common = dict(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, safety_checker=None,
                   feature_extractor=None, requires_safety_checker=False)
     if kind == "lcm":
@@ -84,6 +98,106 @@ def test_lcm_matches_diffusers(tmp_path, steps):
     finally:
         lcm_module.randn_tensor = original
     assert np.max(np.abs(ours - theirs)) <= 1e-3
+
+
+def our_latents(seed, shape=(1, 8, 8, 4)):
+    return jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), 0), shape)
+
+
+def run_diffusers(pipe, monkeypatch, steps, seed, shape=(1, 8, 8, 4), **kwargs):
+    """diffusers' pipeline from our initial latents, with our step noise in LCM / TCD steps."""
+    import diffusers.schedulers.scheduling_lcm as lcm_module
+    import diffusers.schedulers.scheduling_tcd as tcd_module
+
+    latents = our_latents(seed, shape)
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    noise = iter([np.asarray(samplers.step_noise(rng, i, latents)).transpose(0, 3, 1, 2)
+                  for i in range(steps)])
+    for module in (lcm_module, tcd_module):
+        monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(noise).copy()))
+    return pipe(num_inference_steps=steps, output_type="np", **kwargs,
+                latents=torch.from_numpy(np.asarray(latents).transpose(0, 3, 1, 2))).images
+
+
+@pytest.fixture(scope="module")
+def sd_pipes(tmp_path_factory):
+    """Built once: 'ddim' (a plain UNet, the LCM-LoRA route's base) and 'lcm' (w-embedded)."""
+    return {kind: build(tmp_path_factory.mktemp(kind), kind) for kind in ("ddim", "lcm")}
+
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm_solver_pp": "DPMSolverMultistepScheduler",
+              "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
+# (folder, our sampler, steps, guidance, scheduler config fields set in the folder)
+CASES = {
+    "w-unet ddim": ("lcm", "ddim", 2, 3.0, {}),
+    "w-unet tcd": ("lcm", "tcd", 2, 3.0, {}),
+    "w-unet dpm++": ("lcm", "dpm_solver_pp", 3, 3.0, {}),
+    "lora-route lcm cfg": ("ddim", "lcm", 2, 1.5, {}),
+    "tcd original steps": ("ddim", "tcd", 3, 2.0, {"original_inference_steps": 25}),
+    "dpm++ folder fields": ("ddim", "dpm_solver_pp", 3, 2.0, {
+        "timestep_spacing": "trailing", "final_sigmas_type": "sigma_min", "lower_order_final": False}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_samplers_follow_the_folder_and_the_unet_like_diffusers(sd_pipes, monkeypatch, case):
+    """diffusers' StableDiffusionPipeline with `Scheduler.from_config(folder)`: a w-embedded UNet
+    takes w = g - 1 under any scheduler and runs no CFG; a plain UNet runs CFG under the LCM
+    scheduler too; TCD / DPM++ read original_inference_steps, spacing, offset, final sigma."""
+    kind, sampler, steps, guidance, fields = CASES[case]
+    theirs, ours = sd_pipes[kind]
+    config = dict(ours.scheduler_config, **fields)  # the folder's scheduler_config.json, edited
+    scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(config)
+    reference = diffusers.StableDiffusionPipeline(**dict(theirs.components, scheduler=scheduler),
+                                                  requires_safety_checker=False)
+    gamma = {"eta": 0.3} if sampler == "tcd" else {}
+    expected = run_diffusers(reference, monkeypatch, steps, 7, prompt=PROMPT, negative_prompt=NEGATIVE,
+                             guidance_scale=guidance, **gamma)
+    ours = dataclasses.replace(ours, scheduler_config=config, _programs={})
+    got = ours(PROMPT, negative_prompt=NEGATIVE, sampler=sampler, num_inference_steps=steps,
+               guidance_scale=guidance, seed=7, gamma=0.3)
+    assert np.max(np.abs(got - expected)) <= 1e-4
+
+
+def test_unsupported_scheduler_fields_are_refused(sd_pipes):
+    _, ours = sd_pipes["ddim"]
+    bad = dataclasses.replace(ours, scheduler_config=dict(ours.scheduler_config, use_karras_sigmas=True))
+    with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+        bad(PROMPT, sampler="dpm_solver_pp", num_inference_steps=2)
+    unset = {k: v for k, v in ours.scheduler_config.items() if k != "clip_sample"}
+    with pytest.raises(ValueError, match="clip_sample=True .the diffusers default when unset"):
+        pipeline.scheduler_options(unset, "ddim", sd_pipeline=False)  # SDXL: no shim
+
+
+def build_sdxl(tmp, w_dim=None):
+    torch.manual_seed(1)
+    tokenizer, vocab = tiny_tokenizer(tmp / "tok")
+    unet = randomize(diffusers.UNet2DConditionModel(**dict(CONFIGS["sdxl"], time_cond_proj_dim=w_dim)))
+    scheduler = (diffusers.LCMScheduler() if w_dim else
+                 diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1))
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=tiny_text_encoder(vocab, 8), tokenizer=tokenizer,
+        text_encoder_2=tiny_text_encoder(vocab, 8, projection_dim=8), tokenizer_2=tokenizer,
+        unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(str(tmp / "pipe"))
+    return pipe, pipeline.StableDiffusion.from_pretrained(str(tmp / "pipe"))
+
+
+def test_sdxl_matches_diffusers(tmp_path, monkeypatch):
+    """StableDiffusionXLPipeline: DDIM + CFG with zeros as the default negative
+    (force_zeros_for_empty_prompt) and with a negative prompt; LCM on a w-embedded SDXL UNet."""
+    theirs, ours = build_sdxl(tmp_path / "ddim")
+    assert ours.is_sdxl and ours.force_zeros_for_empty_prompt
+    for negative in (None, NEGATIVE):
+        expected = run_diffusers(theirs, monkeypatch, 2, 3, prompt=PROMPT, negative_prompt=negative,
+                                 guidance_scale=5.0)
+        got = ours(PROMPT, negative_prompt=negative, num_inference_steps=2, guidance_scale=5.0, seed=3)
+        assert got.shape == (1, 16, 16, 3)
+        assert np.max(np.abs(got - expected)) <= 1e-4, negative
+    theirs, ours = build_sdxl(tmp_path / "lcm", w_dim=8)
+    expected = run_diffusers(theirs, monkeypatch, 2, 4, prompt=PROMPT, guidance_scale=8.0)
+    got = ours(PROMPT, sampler="lcm", num_inference_steps=2, guidance_scale=8.0, seed=4)
+    assert np.max(np.abs(got - expected)) <= 1e-4
 
 
 def test_bad_inputs(tmp_path):
