@@ -34,7 +34,7 @@ import numpy as np
 
 from lcm_jax.diffusion import consistency, samplers
 from lcm_jax.diffusion import schedule as sched
-from lcm_jax.models import clip_text, convert, unet, vae
+from lcm_jax.models import clip_text, convert, lora, unet, vae
 
 SAMPLERS = ("ddim", "dpm_solver_pp", "lcm", "tcd")
 
@@ -125,6 +125,13 @@ class StableDiffusion:
         return cls(unet_module, unet_params, vae_module, vae_params, tuple(e[0] for e in encoders),
                    tuple(e[1] for e in encoders), tuple(tokenizers), schedule_from_scheduler_config(sc),
                    sc, sample_size, len(names) == 2 and index.get("force_zeros_for_empty_prompt", True))
+
+    def load_lora_weights(self, path: str, scale: float = 1.0) -> "StableDiffusion":
+        """diffusers' `pipe.load_lora_weights(path); pipe.fuse_lora(lora_scale=scale)`: a UNet LoRA
+        in peft layout (what `lora.save` and lcm_jax's exports write) merged into a copy of the
+        UNet params. The returned pipeline shares everything else, compiled programs included."""
+        factors, alpha = lora.load(path)
+        return dataclasses.replace(self, unet_params=lora.merge(self.unet_params, factors, alpha, scale))
 
     @property
     def is_sdxl(self) -> bool:

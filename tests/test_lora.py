@@ -52,11 +52,14 @@ def test_lora_off_is_exactly_the_base_model(base):
     assert err < 1e-6
 
 
-@pytest.mark.parametrize("rank,alpha", [(4, 4.0), (2, 8.0)])
+@pytest.mark.parametrize("rank,alpha", [(4, 4.0), (2, 8.0), (16, 16.0)])
 def test_exported_lora_loads_into_diffusers_and_matches(base, tmp_path, rank, alpha):
+    """Rank 16 exceeds the 8-channel layers' width: those are saved at rank 8 with a rank_pattern."""
     config, folder, module, params = base
     factors = random_lora(params, rank)
     lora.save(str(tmp_path), factors, alpha)
+    loaded, loaded_alpha = lora.load(str(tmp_path))
+    assert loaded_alpha == alpha and jax.tree.all(jax.tree.map(np.array_equal, loaded, factors))
     ours = jax_forward(module, lora.merge(params, factors, alpha), *inputs(config))
     model = diffusers.UNet2DConditionModel.from_pretrained(str(folder)).eval()
     base_out = torch_forward(model, *inputs(config))

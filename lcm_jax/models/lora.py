@@ -12,6 +12,7 @@ B [1, 1, r, out] (a 1x1 conv). A starts random (kaiming-uniform, a = sqrt(5), as
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -116,17 +117,45 @@ def to_peft_state_dict(lora: Mapping, prefix: str = "unet") -> dict[str, np.ndar
 
 
 def save(folder: str, lora: Mapping, alpha: float, prefix: str = "unet") -> str:
-    """pytorch_lora_weights.safetensors with diffusers' adapter metadata (rank, alpha, targets)."""
+    """pytorch_lora_weights.safetensors with diffusers' adapter metadata: the rank, alpha and
+    targets, and a `rank_pattern` for the layers whose rank `init` lowered to their width (peft
+    builds every layer at `r` otherwise, and the load fails on their shapes). Alpha stays one
+    value: peft scales each layer by alpha / its own rank, as `merge` does."""
     from safetensors.numpy import save_file
 
     state = to_peft_state_dict(lora, prefix)
-    ranks = {v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")}
-    modules = sorted({k[len(prefix) + 1:].rsplit(".", 2)[0] for k in state})  # full module paths
-    metadata = {f"{prefix}.r": max(ranks), f"{prefix}.lora_alpha": alpha,
-                f"{prefix}.target_modules": modules}
+    ranks = {k[len(prefix) + 1:-len(".lora_A.weight")]: v.shape[0]
+             for k, v in state.items() if k.endswith("lora_A.weight")}  # module path -> rank
+    counts = collections.Counter(ranks.values())
+    r = max(counts, key=lambda k: (counts[k], k))  # the most common rank, as diffusers infers it
+    metadata = {f"{prefix}.r": r, f"{prefix}.lora_alpha": alpha,
+                f"{prefix}.target_modules": sorted(ranks),
+                f"{prefix}.rank_pattern": {m: k for m, k in sorted(ranks.items()) if k != r}}
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, WEIGHTS_NAME)
     save_file(state, path + ".tmp", metadata={"format": "pt", "lora_adapter_metadata":
                                               json.dumps(metadata, sort_keys=True)})
     os.replace(path + ".tmp", path)
     return path
+
+
+def load(path: str, prefix: str = "unet") -> tuple[dict, float]:
+    """(factors, alpha) from a pytorch_lora_weights.safetensors that `save` wrote (or any peft
+    state dict with the same module names and lora_adapter_metadata), in our layout."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path):
+        path = os.path.join(path, WEIGHTS_NAME)
+    with safe_open(path, "np") as f:
+        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+    if not state or f"{prefix}.lora_alpha" not in metadata:
+        raise ValueError(f"{path} holds no '{prefix}.' LoRA factors with lora_adapter_metadata; "
+                         "lcm_jax loads the peft layout that lora.save / diffusers' "
+                         "save_lora_weights write (not kohya 'lora_unet_*' files).")
+    factors = {}
+    for key, value in state.items():
+        module, leaf = key[len(prefix) + 1:-len(".weight")].rsplit(".", 1)
+        path_ = convert.torch_key_to_path(module + ".x")[:-1] + (leaf,)
+        factors[path_] = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+    return convert.unflatten(factors), float(metadata[f"{prefix}.lora_alpha"])
