@@ -273,6 +273,10 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
     `config.eval.every_steps` when set, on the EMA params); `on_step(step)` is called
     after every step (tests use it to inject failures)."""
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:  # what export.py / evaluate.py rebuild the run from
+        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
     example = peek(pipeline)
     program = Program(config, objective, example)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep)

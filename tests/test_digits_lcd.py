@@ -28,6 +28,16 @@ def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch
     vae_config = json.load(open(tmp_path / "vae" / "export" / "config.json"))
     assert len(vae_config["latents_std"]) == 4
 
+    # experiments/export.py rebuilds the run from W/config.json: the VAE as a diffusers folder,
+    # the DiT student as msgpack, equal to the EMA params main.py saved at the end.
+    import export
+
+    summary = export.export(str(tmp_path), str(tmp_path / "export"))
+    assert summary["kind"] == "digits" and summary["step"] == config.total_steps
+    assert (open(tmp_path / "export" / "student" / "params.msgpack", "rb").read()
+            == open(teachers.student_path(str(tmp_path)), "rb").read())
+    assert json.load(open(tmp_path / "export" / "vae" / "config.json"))["latents_std"] == vae_config["latents_std"]
+
     # A rerun trains neither the VAE nor the teacher again.
     calls = []
     monkeypatch.setattr(teachers.train, "run", lambda *a, **k: calls.append(a[1]))

@@ -1,0 +1,236 @@
+r"""Export a run's newest checkpoint (finished or interrupted) in the formats diffusers loads.
+
+  python experiments/export.py --workdir W --out DIR [--weights ema|online] [--config CFG.py]
+
+The run's config is W/config.json (every run writes it), or --config for an older workdir. DIR gets:
+- full LCD / TCD / LCF on an SD or SDXL folder: a diffusers pipeline folder -- the student UNet
+  (time_cond_proj_dim), the teacher's VAE, text encoder(s), tokenizer(s), and an LCMScheduler
+  (LCD, LCF) or TCDScheduler (TCD) config. SD LCD / LCF: `LatentConsistencyModelPipeline`;
+  TCD and SDXL: the teacher's pipeline class (`StableDiffusion(XL)Pipeline`) with that scheduler.
+- LoRA runs (LCM-LoRA, TCD-LoRA, Smooth Diffusion LoRA): pytorch_lora_weights.safetensors with
+  its adapter metadata, for `pipe.load_lora_weights(DIR)` on the base pipeline, and
+  scheduler/scheduler_config.json (LCM / TCD) to swap in.
+- the digits chain of README command 1: DIR/vae (a diffusers AutoencoderKL folder) and DIR/student
+  (DIR/smooth for Smooth runs): a diffusers UNet2DConditionModel folder when the backbone is the
+  UNet (class labels through `class_labels`, the null class = num_classes), else lcm_jax's
+  params.msgpack + model.json (diffusers has no DiT with a time_cond_proj input).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+TEXT_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+SCHEDULER_CLASS = {"lcd": "LCMScheduler", "lcf": "LCMScheduler", "tcd": "TCDScheduler"}
+# The fields an LCM / TCD scheduler takes from the teacher's scheduler config (its noise schedule).
+SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                   "prediction_type", "rescale_betas_zero_snr")
+
+
+def load_config(workdir: str, config_path: str | None = None):
+    import ml_collections
+
+    if config_path:
+        from ml_collections import config_flags  # noqa: F401 -- the same "file.py:arg" syntax
+        import importlib.util
+
+        path, _, arg = config_path.partition(":")
+        spec = importlib.util.spec_from_file_location("export_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: pass the run's config with --config "
+                                "(workdirs written before config.json was saved do not have it).")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def build_objective(config, workdir: str):
+    """The run's objective, without training anything: a digits chain must be finished."""
+    import jax
+
+    import main
+    from lcm_jax import data
+
+    if config.objective not in ("lcd", "tcd", "lcf", "smooth"):
+        raise ValueError(f"objective={config.objective!r}: export covers the distilled and fine-tuned "
+                         "models (lcd, tcd, lcf, smooth); a plain digits model has no diffusers form.")
+    pipeline = None
+    if not config.model.get("pretrained"):
+        chain = (config.smooth.get("teacher_workdir") or workdir) if config.objective == "smooth" else \
+            config.lcf.lcm_workdir if config.objective == "lcf" else workdir
+        missing = [s for s in ("vae", "teacher") if not os.path.exists(os.path.join(chain, s, "DONE"))]
+        if missing and config.objective != "lcf":
+            raise FileNotFoundError(f"{chain} has no finished {' / '.join(missing)} stage: finish the run "
+                                    "(rerun the same command) before exporting.")
+        pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+    return main.build_objective(config, workdir, pipeline)
+
+
+def restore_params(config, workdir: str, objective, weights: str):
+    """(params, step) of the newest readable checkpoint: the EMA or the online weights."""
+    import jax
+
+    from lcm_jax import train
+
+    frozen = jax.eval_shape(lambda: objective.frozen)
+    abstract = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
+    restored = train.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep).restore(abstract)
+    if restored is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint to export.")
+    state = restored[0]
+    return (state.ema_params if weights == "ema" else state.params), int(state.step)
+
+
+def lora_settings(config):
+    section = config.get("smooth") if config.objective == "smooth" else config.get("lcd")
+    return (section or {}).get("lora") or None
+
+
+def scheduler_config(config, teacher_folder: str | None) -> dict:
+    """An LCMScheduler / TCDScheduler config on the teacher's noise schedule, with the run's skip
+    grid as original_inference_steps and its boundary-condition timestep scaling."""
+    from lcm_jax import teachers
+
+    lcd = config.get("lcd") or {}
+    if lcd.get("sigma_data", 0.5) != 0.5:
+        raise ValueError(f"config.lcd.sigma_data={lcd.sigma_data}: diffusers' LCM / TCD schedulers fix "
+                         "sigma_data at 0.5, so this student would sample differently there.")
+    teacher = {}
+    if teacher_folder:
+        with open(os.path.join(teacher_folder, "scheduler", "scheduler_config.json")) as f:
+            teacher = {k: v for k, v in json.load(f).items() if k in SCHEDULE_FIELDS}
+    else:
+        d = teachers.stage_config(config, "teacher_stage").diffusion if config.get("teacher_stage") \
+            else config.diffusion
+        teacher = {"num_train_timesteps": d.num_train_timesteps, "beta_start": d.beta_start,
+                   "beta_end": d.beta_end, "beta_schedule": d.beta_schedule,
+                   "prediction_type": d.prediction_type}
+    return {"_class_name": SCHEDULER_CLASS.get(config.objective, "LCMScheduler"), **teacher,
+            "original_inference_steps": lcd.get("num_ddim_timesteps", 50),
+            "timestep_scaling": lcd.get("timestep_scaling", 10.0), "clip_sample": False,
+            "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "leading"}
+
+
+def _write_json(path: str, value: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def export_sd_pipeline(config, params, out: str) -> None:
+    """A full student on an SD / SDXL teacher folder -> a diffusers pipeline folder."""
+    from lcm_jax import teachers
+    from lcm_jax.models import convert, unet
+
+    folder = os.path.expanduser(config.model.pretrained)
+    for name in TEXT_COMPONENTS:
+        if os.path.isdir(os.path.join(folder, name)):
+            shutil.copytree(os.path.join(folder, name), os.path.join(out, name), dirs_exist_ok=True)
+    unet_config = convert.read_config(os.path.join(folder, "unet"))
+    if config.objective != "lcf":  # LCF's folder is already an LCM: its config has the field
+        unet_config["time_cond_proj_dim"] = teachers.w_embedding_dim(config)
+    unet.save_pretrained(os.path.join(out, "unet"), unet_config, params)
+    scheduler = scheduler_config(config, folder)
+    _write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler)
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    sdxl = "text_encoder_2" in index
+    if config.objective in ("lcd", "lcf") and not sdxl:
+        index["_class_name"] = "LatentConsistencyModelPipeline"
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    _write_json(os.path.join(out, "model_index.json"), index)
+
+
+def export_lora(config, params, out: str, teacher_folder: str | None) -> None:
+    from lcm_jax.models import lora
+
+    settings = lora_settings(config)
+    lora.save(out, params, settings.get("alpha", settings.rank))
+    if config.objective != "smooth":
+        _write_json(os.path.join(out, "scheduler", "scheduler_config.json"),
+                    scheduler_config(config, teacher_folder))
+
+
+def export_digits(config, objective, params, out: str) -> None:
+    """The digits chain: the VAE folder and the trained network (student or smooth)."""
+    from lcm_jax import teachers
+    from lcm_jax.models import lora, vae
+
+    teacher = objective.base if config.objective == "smooth" else objective.teacher
+    vae.save_pretrained(os.path.join(out, "vae"), teacher.vae.config.to_dict(), teacher.vae_params)
+    settings = lora_settings(config)
+    if settings:  # the digits LoRA merged: the fine-tuned network as a whole
+        params = lora.merge(teacher.params, params, settings.get("alpha", settings.rank))
+    net = teacher.net if config.objective == "smooth" or settings else objective.student_net
+    name = "smooth" if config.objective == "smooth" else "student"
+    export_network(teachers.stage_config(config, "teacher_stage").model, net, params,
+                   teacher.latent_shape, os.path.join(out, name), scheduler_config(config, None))
+
+
+def export_network(model_config, net, params, latent_shape, out: str, scheduler: dict) -> None:
+    """One digits network: a diffusers UNet folder for the UNet backbone, else msgpack + JSON."""
+    from lcm_jax import teachers
+    from lcm_jax.models import unet
+
+    if model_config.name == "unet":
+        c = net.module.config
+        unet.save_pretrained(out, dict(model_config.unet, in_channels=c.in_channels,
+                                       out_channels=c.out_channels, num_class_embeds=c.num_class_embeds,
+                                       time_cond_proj_dim=c.time_cond_proj_dim), params)
+    else:
+        teachers.save_params(os.path.join(out, "params.msgpack"), params)
+        _write_json(os.path.join(out, "model.json"), {
+            "model": model_config.to_dict(), "latent_shape": list(latent_shape),
+            "time_cond_proj_dim": getattr(net.module, "time_cond_proj_dim", None)})
+    _write_json(os.path.join(out, "scheduler_config.json"), scheduler)
+
+
+def export(workdir: str, out: str, weights: str = "ema", config=None) -> dict:
+    """Writes DIR for the run in `workdir`; returns what was written (kind, step, paths)."""
+    config = config or load_config(workdir)
+    objective = build_objective(config, workdir)
+    params, step = restore_params(config, workdir, objective, weights)
+    os.makedirs(out, exist_ok=True)
+    pretrained = config.model.get("pretrained")
+    if lora_settings(config) and pretrained:
+        export_lora(config, params, out, os.path.expanduser(pretrained))
+        kind = "lora"
+    elif pretrained:
+        if config.objective == "smooth":
+            raise ValueError("A full (non-LoRA) Smooth Diffusion run on an SD folder: export the UNet "
+                             "with lcm_jax.models.unet.save_pretrained into a copy of the folder.")
+        export_sd_pipeline(config, params, out)
+        kind = "pipeline"
+    else:
+        export_digits(config, objective, params, out)
+        kind = "digits"
+    summary = {"kind": kind, "step": step, "weights": weights, "out": os.path.abspath(out),
+               "files": sorted(os.path.relpath(os.path.join(d, f), out)
+                               for d, _, fs in os.walk(out) for f in fs)}
+    _write_json(os.path.join(out, "lcm_jax_export.json"), summary)
+    return summary
+
+
+def main_cli():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--weights", choices=("ema", "online"), default="ema",
+                   help="the EMA (target) network or the online one")
+    p.add_argument("--config", default=None, help="CFG.py[:arg] when W/config.json is absent")
+    a = p.parse_args()
+    config = load_config(a.workdir, a.config) if a.config else None
+    print(json.dumps(export(a.workdir, a.out, a.weights, config), indent=2))
+
+
+if __name__ == "__main__":
+    main_cli()

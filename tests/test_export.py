@@ -1,0 +1,97 @@
+"""experiments/export.py against diffusers' public loaders, on a tiny random SD folder: a full LCD
+student's checkpoint becomes a LatentConsistencyModelPipeline folder, an LCM-LoRA checkpoint a
+pytorch_lora_weights.safetensors for pipe.load_lora_weights; diffusers' images equal ours (same
+latents, same step noise). The checkpoints are written as train.run writes them (the train step
+itself is tested in test_lcd_sd), with EMA and online weights apart so the --weights flag shows."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+import jax  # noqa: E402
+
+from configs import sd15_lcd, sd15_lcm_lora  # noqa: E402
+from lcm_jax import pipeline, teachers, train  # noqa: E402
+from lcm_jax.objectives.lcd import LCDObjective  # noqa: E402
+from test_lcd_sd import config_for  # noqa: E402
+from test_pipeline import PROMPT, build, run_diffusers  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import export  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sd")
+    build(tmp, "ddim")
+    return str(tmp / "pipe")
+
+
+def checkpointed_run(workdir, config):
+    """A workdir as train.run leaves it: config.json and one checkpoint (step 3)."""
+    objective = LCDObjective(config, teachers.from_pretrained(config))
+    state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), objective.frozen)
+    rng = np.random.default_rng(0)
+    moved = lambda tree, scale: jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape).astype(x.dtype), tree)
+    state = state.replace(step=state.step + 3, params=moved(state.params, 0.05),
+                          ema_params=moved(state.ema_params, 0.02))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort())
+    train.Checkpointer(os.path.join(workdir, "checkpoints"), 2).save(3, state, [{}])
+    return state
+
+
+def test_full_lcd_student_exports_a_pipeline_diffusers_runs(folder, tmp_path, monkeypatch):
+    config = config_for(sd15_lcd, folder)
+    state = checkpointed_run(str(tmp_path / "run"), config)
+    summary = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+    assert summary["kind"] == "pipeline" and summary["step"] == 3
+    with open(tmp_path / "out" / "model_index.json") as f:
+        assert json.load(f)["_class_name"] == "LatentConsistencyModelPipeline"
+
+    ours = pipeline.StableDiffusion.from_pretrained(str(tmp_path / "out"))
+    exported = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                            ours.unet_params, state.ema_params)
+    assert max(jax.tree.leaves(exported)) == 0.0  # the EMA weights, bit for bit
+    theirs = diffusers.LatentConsistencyModelPipeline.from_pretrained(str(tmp_path / "out"))
+    assert theirs.unet.config.time_cond_proj_dim == 256
+    assert theirs.scheduler.config.original_inference_steps == config.lcd.num_ddim_timesteps
+    expected = run_diffusers(theirs, monkeypatch, 2, 5, prompt=PROMPT, guidance_scale=8.0)
+    got = ours(PROMPT, sampler="lcm", num_inference_steps=2, guidance_scale=8.0, seed=5)
+    assert np.max(np.abs(got - expected)) <= 1e-4
+
+    online = export.export(str(tmp_path / "run"), str(tmp_path / "online"), weights="online")
+    assert online["weights"] == "online"
+
+
+def test_lcm_lora_exports_what_load_lora_weights_takes(folder, tmp_path, monkeypatch):
+    config = config_for(sd15_lcm_lora, folder)
+    config.lcd.lora.update(rank=16, alpha=8.0)  # above the 8-channel layers' width: a rank_pattern
+    checkpointed_run(str(tmp_path / "run"), config)
+    summary = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+    assert summary["kind"] == "lora"
+
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    theirs.scheduler = diffusers.LCMScheduler.from_pretrained(str(tmp_path / "out" / "scheduler"))
+    theirs.load_lora_weights(str(tmp_path / "out"))
+    expected = run_diffusers(theirs, monkeypatch, 2, 6, prompt=PROMPT, guidance_scale=1.5)
+
+    base = pipeline.StableDiffusion.from_pretrained(folder)
+    with open(tmp_path / "out" / "scheduler" / "scheduler_config.json") as f:
+        ours = base.load_lora_weights(str(tmp_path / "out"))
+        ours.scheduler_config = json.load(f)
+    got = ours(PROMPT, sampler="lcm", num_inference_steps=2, guidance_scale=1.5, seed=6)
+    untouched = base(PROMPT, sampler="lcm", num_inference_steps=2, guidance_scale=1.5, seed=6)
+    assert np.max(np.abs(untouched - expected)) > 1e-3  # the adapter changes the images
+    assert np.max(np.abs(got - expected)) <= 1e-4
+
+
+def test_export_refuses_what_it_cannot_read(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json does not exist.*--config"):
+        export.export(str(tmp_path), str(tmp_path / "out"))
