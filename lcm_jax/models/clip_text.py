@@ -71,6 +71,7 @@ class TextEncoderConfig:
 class CLIPAttention(nn.Module):
     config: TextEncoderConfig
     dtype: Any = jnp.float32
+    causal: bool = True  # the text tower; the vision tower (clip_vision.py) attends both ways
 
     @nn.compact
     def __call__(self, x, mask):
@@ -79,7 +80,7 @@ class CLIPAttention(nn.Module):
         dense = lambda name: nn.Dense(d, dtype=self.dtype, name=name)
         q, k, v = (dense(n)(x).reshape(b, l, heads, d // heads)
                    for n in ("q_proj", "k_proj", "v_proj"))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)  # [B, L, H, D]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)  # [B, L, H, D]
         return dense("out_proj")(out.reshape(b, l, d))
 
 
@@ -98,12 +99,13 @@ class CLIPEncoderLayer(nn.Module):
     """Pre-LN transformer layer."""
     config: TextEncoderConfig
     dtype: Any = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x, mask):
         norm = lambda name: nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype,
                                          name=name)
-        attention = CLIPAttention(self.config, self.dtype, name="self_attn")
+        attention = CLIPAttention(self.config, self.dtype, self.causal, name="self_attn")
         x = x + attention(norm("layer_norm1")(x), mask)
         return x + CLIPMLP(self.config, self.dtype, name="mlp")(norm("layer_norm2")(x))
 
@@ -125,9 +127,10 @@ class CLIPTextEmbeddings(nn.Module):
 class CLIPEncoder(nn.Module):
     config: TextEncoderConfig
     dtype: Any = jnp.float32
+    causal: bool = True
 
     def setup(self):
-        self.layers = [CLIPEncoderLayer(self.config, self.dtype)
+        self.layers = [CLIPEncoderLayer(self.config, self.dtype, self.causal)
                        for _ in range(self.config.num_hidden_layers)]
 
     def __call__(self, x, mask):
