@@ -38,6 +38,13 @@ def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch
             == open(teachers.student_path(str(tmp_path)), "rb").read())
     assert json.load(open(tmp_path / "export" / "vae" / "config.json"))["latents_std"] == vae_config["latents_std"]
 
+    # experiments/evaluate.py: the student at 1 step, FD-digits and accuracy.
+    import evaluate
+
+    scored = evaluate.evaluate(str(tmp_path), steps=(1,), num=config.eval.num_samples,
+                               batch_size=config.eval.batch_size)["table"]["lcm"]["1"]
+    assert scored["fd"] > 0 and 0 <= scored["acc"] <= 1
+
     # A rerun trains neither the VAE nor the teacher again.
     calls = []
     monkeypatch.setattr(teachers.train, "run", lambda *a, **k: calls.append(a[1]))

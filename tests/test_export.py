@@ -1,7 +1,7 @@
 """experiments/export.py against diffusers' public loaders, on a tiny random SD folder: a full LCD
 student's checkpoint becomes a LatentConsistencyModelPipeline folder, an LCM-LoRA checkpoint a
 pytorch_lora_weights.safetensors for pipe.load_lora_weights; diffusers' images equal ours (same
-latents, same step noise). The checkpoints are written as train.run writes them (the train step
+latents, same step noise). experiments/evaluate.py scores the full run with CLIP. The checkpoints are written as train.run writes them (the train step
 itself is tested in test_lcd_sd), with EMA and online weights apart so the --weights flag shows."""
 import json
 import os
@@ -19,6 +19,7 @@ from configs import sd15_lcd, sd15_lcm_lora  # noqa: E402
 from lcm_jax import pipeline, teachers, train  # noqa: E402
 from lcm_jax.objectives.lcd import LCDObjective  # noqa: E402
 from test_lcd_sd import config_for  # noqa: E402
+from test_clip_score import clip  # noqa: E402,F401 -- the tiny CLIPModel folder fixture
 from test_pipeline import PROMPT, build, run_diffusers  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
@@ -95,3 +96,22 @@ def test_lcm_lora_exports_what_load_lora_weights_takes(folder, tmp_path, monkeyp
 def test_export_refuses_what_it_cannot_read(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json does not exist.*--config"):
         export.export(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_evaluate_scores_an_sd_run_with_clip(folder, tmp_path, clip):
+    """experiments/evaluate.py on the full LCD run: the student at 1 step, CLIP-scored with a
+    tiny random CLIPModel folder; missing weight files fail with what to put there."""
+    import evaluate
+
+    _, clip_folder, scorer = clip
+    checkpointed_run(str(tmp_path / "run"), config_for(sd15_lcd, folder))
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    result = evaluate.evaluate(str(tmp_path / "run"), steps=(1,), num=2, batch_size=2,
+                               prompts_file=str(tmp_path / "prompts.txt"), clip=clip_folder)
+    score = result["table"]["lcm"]["1"]["clip_score"]
+    assert 0 <= score <= 100 and result["step"] == 3
+    assert json.load(open(tmp_path / "run" / "evaluation.json")) == result
+    with pytest.raises(FileNotFoundError, match="--inception .* convert pytorch-fid"):
+        evaluate.evaluate(str(tmp_path / "run"), inception=str(tmp_path / "none.safetensors"))
+    with pytest.raises(ValueError, match="--prompts"):
+        evaluate.evaluate(str(tmp_path / "run"), clip=clip_folder)
