@@ -18,19 +18,12 @@ import jax  # noqa: E402
 from configs import sd15_lcd, sd15_lcm_lora  # noqa: E402
 from lcm_jax import pipeline, teachers, train  # noqa: E402
 from lcm_jax.objectives.lcd import LCDObjective  # noqa: E402
-from test_lcd_sd import config_for  # noqa: E402
+from test_lcd_sd import config_for, folder  # noqa: E402,F401 -- the tiny SD folder fixture
 from test_clip_score import clip  # noqa: E402,F401 -- the tiny CLIPModel folder fixture
-from test_pipeline import PROMPT, build, run_diffusers  # noqa: E402
+from test_pipeline import PROMPT, run_diffusers  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
 import export  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sd")
-    build(tmp, "ddim")
-    return str(tmp / "pipe")
 
 
 def checkpointed_run(workdir, config):

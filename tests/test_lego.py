@@ -108,7 +108,8 @@ def test_skipping_removes_the_top_brick_from_the_program(stack):
     t, y = jnp.full((2,), 0.3), jnp.array([1, 10])
     run = lambda p, x, n: module.apply({"params": p}, x, t, y, num_bricks=n)
     outs = jax.jit(lambda p, x: module.apply({"params": p}, x, t, y, method="outputs"))(params, x)
-    np.testing.assert_allclose(run(params, x, 2), outs[1], atol=1e-6)
+    # Another brick's output would differ by O(1); eager vs jit fusions differ by an ulp or two.
+    np.testing.assert_allclose(run(params, x, 2), outs[1], atol=1e-5)
     full, skipped = _flops(lambda p, x: run(p, x, 3), params, x), _flops(lambda p, x: run(p, x, 2), params, x)
 
     r = stack[-1][0]  # the top brick alone, on its tiles of [x, previous output, coordinates]
