@@ -34,8 +34,7 @@ SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedu
 def load_config(workdir: str, config_path: str | None = None):
     import ml_collections
 
-    if config_path:
-        from ml_collections import config_flags  # noqa: F401 -- the same "file.py:arg" syntax
+    if config_path:  # "file.py[:arg]", as --config takes it in main.py
         import importlib.util
 
         path, _, arg = config_path.partition(":")
