@@ -1,6 +1,8 @@
 """Shared builder of EDM / LEGO configs (configs/digits_lego.py, lego_imagenet64.py, ...)."""
 import ml_collections
 
+from lcm_jax import tracking
+
 
 def edm_config(model: dict, data: dict, *, total_steps: int, batch_size: int, lr: float,
                ema_decay: float, num_classes: int, tile_fraction: float = 1.0,
@@ -31,8 +33,7 @@ def edm_config(model: dict, data: dict, *, total_steps: int, batch_size: int, lr
     c.eval = ml_collections.ConfigDict(dict(
         sampler="heun", num_steps=num_steps, guidance_scale=guidance_scale, num_samples=500,
         batch_size=250, t_break=0.0))
-    c.wandb = ml_collections.ConfigDict(dict(
-        project="lcm_jax", entity="", mode="offline", tags=tuple(tags)))
+    c.wandb = tracking.default_config(tags)
     return c
 
 

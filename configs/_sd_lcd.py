@@ -15,6 +15,7 @@ Memory of the SD 1.5 step: experiments/benchmark.py --suite lcd_memory (README).
 """
 import ml_collections
 
+from lcm_jax import tracking
 from lcm_jax.models.lora import LCM_LORA_TARGETS
 
 PROMPTS = ("a photo of an astronaut riding a horse on mars",
@@ -47,9 +48,7 @@ def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_r
         every_steps=500, sampler=sampler, gamma=0.3, num_steps=4, num_images=len(PROMPTS),
         guidance_scale=1.0 if lora_rank else 8.0,  # LCM: w = g - 1 embedded; LoRA: plain CFG
         prompts=PROMPTS))
-    c.wandb = ml_collections.ConfigDict(dict(
-        project="lcm_jax", entity="", mode="offline",
-        tags=(objective, "lora" if lora_rank else "full")))
+    c.wandb = tracking.default_config((objective, "lora" if lora_rank else "full"))
     return c
 
 

@@ -11,6 +11,8 @@ Short arguments: `configs/digits_diffusion.py:tiny` is the seconds-long variant 
 """
 import ml_collections
 
+from lcm_jax import tracking
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -46,8 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         every_steps=2000, sampler="ddim", num_steps=50, guidance_scale=2.0, num_images=40))
     c.eval = ml_collections.ConfigDict(dict(
         sampler="ddim", num_steps=50, guidance_scale=2.0, num_samples=500, batch_size=250))
-    c.wandb = ml_collections.ConfigDict(dict(
-        project="lcm_jax", entity="", mode="offline", tags=("digits", "diffusion")))
+    c.wandb = tracking.default_config(("digits", "diffusion"))
 
     if arg == "tiny":  # seconds on CPU: what the tests run
         c.total_steps = 6

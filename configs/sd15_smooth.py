@@ -13,6 +13,7 @@ pipe.load_lora_weights(W/smooth). Expected (the paper, SD 1.5, 500 COCO prompts)
 import ml_collections
 
 from configs._sd_lcd import PROMPTS, sd_base
+from lcm_jax import tracking
 from lcm_jax.models.lora import ATTENTION_TARGETS
 
 
@@ -30,6 +31,5 @@ def get_config(pretrained: str = "") -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict(dict(
         every_steps=1000, sampler="ddim", num_steps=50, num_images=len(PROMPTS),
         guidance_scale=7.5, prompts=PROMPTS))
-    c.wandb = ml_collections.ConfigDict(dict(project="lcm_jax", entity="", mode="offline",
-                                             tags=("smooth", "lora")))
+    c.wandb = tracking.default_config(("smooth", "lora"))
     return c

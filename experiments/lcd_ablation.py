@@ -10,6 +10,8 @@ are trained first if missing), then distils one student per cell for the same nu
 sampling at 2 and 4 steps (500 samples, FD-digits and accuracy) at eval.guidance_scale. `--set`
 pins config fields for every cell (the README's table pins the recipe it was made with). Cells
 already in OUT/ablation.json are skipped, so an interrupted run continues. Prints a markdown table.
+`--set wandb.mode=offline` (or online) tracks every cell in W&B, grouped by OUT, and logs the table
+as a wandb.Table in a summary run of the same group.
 """
 import argparse
 import os
@@ -35,7 +37,7 @@ def main():
 
     import jax
 
-    from lcm_jax import config_checks, train
+    from lcm_jax import config_checks, tracking, train
     from lcm_jax.objectives.lcd import LCDObjective
 
     base, pipeline, teacher, evaluator = study.load_chain(args.teacher_workdir)
@@ -50,7 +52,7 @@ def main():
                 continue
             config = study.run_config(dict(pinned, **{
                 "lcd.num_ddim_timesteps": base.diffusion.num_train_timesteps // k,
-                "lcd.solver": solver}), args.steps)
+                "lcd.solver": solver, "wandb.group": args.out.rstrip("/")}), args.steps)
             config_checks.validate(config)
             objective = LCDObjective(config, teacher)
             pipeline.set_state({"step": 0})
@@ -63,6 +65,7 @@ def main():
             print(cell, results[cell], flush=True)
             study.save_results(path, results)
     print(table(results, ks, solvers, args.eval_steps.split(",")))
+    tracking.log_results(study.run_config(pinned, args.steps), args.out, "ablation", results)
 
 
 def table(results: dict, ks, solvers, eval_steps) -> str:

@@ -15,7 +15,7 @@ import os
 
 import jax
 
-from lcm_jax import data
+from lcm_jax import data, tracking
 from lcm_jax.data import webdataset
 from lcm_jax.diffusion import samplers, solvers
 from lcm_jax.diffusion import schedule as sched
@@ -27,7 +27,6 @@ EDM_SAMPLERS = ("heun",)  # diffusion/edm.py
 PARALLEL_MODES = ("jit", "pmap")
 LCD_LOSSES = ("l2", "huber")
 LCD_TARGETS = ("ema", "online")  # objectives.lcd.TARGETS
-WANDB_MODES = ("online", "offline", "disabled")
 FEW_STEP_SAMPLERS = ("lcm", "tcd")  # their steps come from the distillation grid
 VAE_FACTOR = 8  # Stable Diffusion's AutoencoderKL: 3 downsamplings
 MIN_IMAGE_SIZE = 8
@@ -465,7 +464,7 @@ def _loop(config):
     yield from _at_least(config, "checkpoint.every_steps", 1)
     yield from _at_least(config, "checkpoint.keep", 1)
     yield from _at_least(config, "log_every_steps", 1)
-    yield from _choice(config, "wandb.mode", WANDB_MODES, "wandb mode")
+    yield from _choice(config, "wandb.mode", tracking.MODES, "wandb mode")
 
 
 def _paths(config, process_count: int):

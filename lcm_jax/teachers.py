@@ -99,6 +99,14 @@ def stage_config(config, section: str) -> ml_collections.ConfigDict:
     return c
 
 
+def _tracked(stage, workdir: str, job_type: str) -> ml_collections.ConfigDict:
+    """The stage's W&B run joins the chain's group (the student's workdir), as `job_type`."""
+    if "wandb" in stage:
+        stage.wandb.update(group=stage.wandb.get("group") or workdir.rstrip("/"), job_type=job_type,
+                           name="")
+    return stage
+
+
 def _done(path: str) -> bool:
     return os.path.exists(os.path.join(path, "DONE"))
 
@@ -123,7 +131,7 @@ def train_vae(config, workdir: str, images: np.ndarray):
 
     path, export = os.path.join(workdir, "vae"), os.path.join(workdir, "vae", "export")
     if not _done(path):
-        c = stage_config(config, "vae_stage")
+        c = _tracked(stage_config(config, "vae_stage"), workdir, "vae")
         objective = AutoencoderObjective(c, images.shape[1:], images[:20])
         final = train.run(c, path, objective, _pipeline({"image": images}, c))
         params = jax.device_get(final.ema_params)
@@ -139,7 +147,7 @@ def train_teacher(config, workdir: str, latents: np.ndarray, labels: np.ndarray)
     """Stage 2: the class-conditional latent teacher (plain diffusion on the cached latents)."""
     from lcm_jax.objectives.diffusion import DiffusionObjective
 
-    c = stage_config(config, "teacher_stage")
+    c = _tracked(stage_config(config, "teacher_stage"), workdir, "teacher")
     net = models.make_model(c.model, latents.shape[-1])
     path = os.path.join(workdir, "teacher")
     weights = os.path.join(path, "ema_params.msgpack")

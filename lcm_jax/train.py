@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import parallel
+from lcm_jax import parallel, tracking
 
 log = logging.getLogger("lcm_jax")
 
@@ -84,6 +84,9 @@ class Checkpointer:
             self.manager.save(step, args=args, force=True)
             self.manager.wait_until_finished()
 
+    def path(self, step: int) -> str:
+        return os.path.join(str(self.manager.directory), str(step))
+
     def restore(self, abstract_state):
         """(state, data_states) from the newest readable checkpoint, or None if there is none."""
         for step in sorted(self.manager.all_steps(), reverse=True):
@@ -103,7 +106,7 @@ class Checkpointer:
     def _move_aside(self, step: int) -> None:
         """Keep an unreadable checkpoint for inspection, out of the way of the redone step."""
         if jax.process_index() == 0:
-            path = os.path.join(str(self.manager.directory), str(step))
+            path = self.path(step)
             os.replace(path, f"{path}.corrupt")
         self.manager.reload()
 
@@ -133,15 +136,7 @@ class Writers:
 
         self.clu = metric_writers.create_default_writer(workdir, just_logging=not self.primary,
                                                         asynchronous=False)
-        self.wandb = None
-        mode = config.wandb.get("mode", "offline")
-        if self.primary and mode != "disabled":
-            import wandb
-
-            self.wandb = wandb.init(
-                project=config.wandb.project, entity=config.wandb.get("entity") or None, mode=mode,
-                dir=workdir, config=config.to_dict(), tags=list(config.wandb.get("tags", ())),
-                id=_stable_run_id(workdir), resume="allow")
+        self.wandb = tracking.start(config, workdir, self.primary)
 
     def scalars(self, step: int, metrics: dict) -> None:
         self.clu.write_scalars(step, metrics)
@@ -160,7 +155,17 @@ class Writers:
         if self.wandb:
             import wandb
 
-            self.wandb.log({name: wandb.Image(path)}, step=step)
+            self.wandb.log({name: wandb.Image(path, caption=f"step {step}")}, step=step)
+
+    def results(self, step: int, results: dict) -> None:
+        """Evaluation results: scalars eval/<path> and one W&B table ('eval_table')."""
+        self.scalars(step, {f"eval/{k}": v for k, v in _flatten(results).items()})
+        if self.wandb:
+            self.wandb.log({"eval_table": tracking.results_table(results)}, step=step)
+
+    def summary(self, **values) -> None:
+        if self.wandb:
+            self.wandb.summary.update(values)
 
     def close(self) -> None:
         self.clu.flush()
@@ -168,18 +173,6 @@ class Writers:
             self.jsonl.close()
         if self.wandb:
             self.wandb.finish()
-
-
-def _stable_run_id(workdir: str) -> str:
-    """One W&B run per workdir, so a resumed run continues the same W&B run."""
-    path = os.path.join(workdir, "wandb_run_id")
-    if not os.path.exists(path):
-        import uuid
-
-        with open(path, "w") as f:
-            f.write(uuid.uuid4().hex[:12])
-    with open(path) as f:
-        return f.read().strip()
 
 
 def image_grid(images: np.ndarray, columns: int = 10) -> np.ndarray:
@@ -321,6 +314,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
                 checkpointer.save(step, program.host_state(state),
                                   gather_data_states(pipeline.get_state()))
                 last_saved = step
+                writers.summary(checkpoint=checkpointer.path(step), checkpoint_step=step)
             if step % config.sample.every_steps == 0 or is_last:
                 ema = program.host_state(state).ema_params
                 images = sample(ema, program.sample_frozen,
@@ -328,16 +322,15 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
                 writers.images(step, "samples", image_grid(parallel.to_host(images)),
                                os.path.join(workdir, f"samples_{step:07d}.png"))
             if evaluate is not None and eval_every and step % eval_every == 0 and not is_last:
-                results = evaluate(program.host_state(state).ema_params, program.sample_frozen)
-                writers.scalars(step, {f"eval/{k}": v for k, v in _flatten(results).items()})
+                writers.results(step, evaluate(program.host_state(state).ema_params,
+                                               program.sample_frozen))
             if stop["signal"]:
                 log.warning("Stopped by signal %s at step %d; checkpoint saved.", stop["signal"], step)
                 return program.host_state(state)
         bar.close()
         final = program.host_state(state)
         if evaluate is not None:
-            results = evaluate(final.ema_params, program.sample_frozen)
-            writers.scalars(total, {f"eval/{k}": v for k, v in _flatten(results).items()})
+            writers.results(total, evaluate(final.ema_params, program.sample_frozen))
         return final
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -10,14 +10,16 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 
 def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     import main as entry
 
     from configs import digits_lcd
     from lcm_jax import teachers
 
     config = digits_lcd.get_config("tiny")
+    config.wandb.mode = "offline"
     results = entry.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     assert set(results) == {"lcm", "ddim", "dpm", "dpmpp", "teacher_ddim2"}
     for name in ("lcm", "ddim", "dpm", "dpmpp"):
         assert set(results[name]) == {"1"} and 0 <= results[name]["1"]["acc"] <= 1
@@ -27,6 +29,15 @@ def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch
     assert (tmp_path / "vae" / "export" / "config.json").exists()  # a diffusers VAE folder
     vae_config = json.load(open(tmp_path / "vae" / "export" / "config.json"))
     assert len(vae_config["latents_std"]) == 4
+
+    # W&B: the three stages read as one experiment (group = the workdir); the student's run holds
+    # the few-step table.
+    import wandb_records
+
+    runs = {stage: wandb_records.read_runs(str(tmp_path / stage))[0] for stage in ("vae", "teacher", "")}
+    assert {r["group"] for r in runs.values()} == {str(tmp_path)}
+    assert [runs[s]["job_type"] for s in ("vae", "teacher", "")] == ["vae", "teacher", "lcd"]
+    assert any(f.startswith("media/table/eval_table_") for f in runs[""]["files"])
 
     # experiments/export.py rebuilds the run from W/config.json: the VAE as a diffusers folder,
     # the DiT student as msgpack, equal to the EMA params main.py saved at the end.

@@ -1,0 +1,79 @@
+"""W&B: what a run leaves in its offline run directory (config, metrics, sample grids, the eval
+table, the checkpoint path, group), and a resumed workdir continuing the same W&B run."""
+import json
+import os
+
+import pytest
+
+from lcm_jax import tracking
+
+pytest.importorskip("wandb")
+import tiny_run  # noqa: E402
+import wandb_records  # noqa: E402
+
+TABLE = {"lcm": {"1": {"fd": 3.0, "acc": 0.5}, "4": {"fd": 2.0, "acc": 0.75}},
+         "teacher_ddim50": {"fd": 1.0, "acc": 0.9}, "notes": {"sampler": "lcm"}}
+
+
+def test_results_rows_read_the_few_step_table():
+    assert tracking.results_rows(TABLE) == [
+        {"name": "lcm", "steps": 1, "fd": 3.0, "acc": 0.5},
+        {"name": "lcm", "steps": 4, "fd": 2.0, "acc": 0.75},
+        {"name": "teacher_ddim50", "steps": None, "fd": 1.0, "acc": 0.9}]
+
+
+def test_flat_config():
+    assert tracking.flat_config({"optimizer": {"lr": 1e-4, "betas": (0.9, 0.99)}, "seed": 0}) == {
+        "optimizer.lr": 1e-4, "optimizer.betas": [0.9, 0.99], "seed": 0}
+
+
+def test_environment_wins_over_the_config(monkeypatch):
+    config = tiny_run.tiny_config()
+    config.wandb.mode = "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.mode(config) == "disabled" and tracking.start(config, "unused") is None
+
+
+def test_offline_run_holds_everything_and_resumes(tmp_path, monkeypatch):
+    from lcm_jax import train
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = tiny_run.tiny_config()
+    config.wandb.update(mode="offline", tags=("test",))
+    config.total_steps, config.log_every_steps = 2, 1
+    config.sample.every_steps = 2
+    workdir = str(tmp_path / "run")
+    objective, pipeline = tiny_run.build(config)
+    train.run(config, workdir, objective, pipeline, evaluate=lambda params, frozen: TABLE)
+    config.total_steps = 4  # the same workdir, longer: resumes from step 2
+    train.run(config, workdir, objective, pipeline, evaluate=lambda params, frozen: TABLE)
+
+    first, second = wandb_records.read_runs(workdir)
+    assert first["id"] == second["id"] == open(os.path.join(workdir, "wandb_run_id")).read()
+    for run in (first, second):
+        assert run["group"] == workdir and run["job_type"] == config.objective and run["name"] == "run"
+        assert run["config"]["optimizer.lr"] == config.optimizer.lr  # flattened
+        assert run["config"]["wandb.tags"] == ["test"]
+    steps = lambda run, key: [h["_step"] for h in run["history"]
+                              if any(k == key or k.startswith(key + "/") for k in h)]
+    assert steps(first, "loss") == [1, 2] and steps(second, "loss") == [3, 4]  # continued
+    assert steps(second, "samples") == [4] and steps(second, "eval_table") == [4]
+    assert second["summary"]["eval/lcm/4/fd"] == 2.0 and second["summary"]["samples/caption"] == "step 4"
+    checkpoint = second["summary"]["checkpoint"]
+    assert checkpoint == os.path.join(workdir, "checkpoints", "4") and os.path.isdir(checkpoint)
+    run_dir = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))[1]
+    assert any(f.startswith("media/images/samples_") for f in second["files"])
+    (table,) = (run_dir / "files" / "media" / "table").glob("eval_table_*.table.json")
+    table = json.load(open(table))
+    assert table["columns"] == ["name", "steps", "fd", "acc"]
+    assert table["data"] == [["lcm", 1, 3.0, 0.5], ["lcm", 4, 2.0, 0.75], ["teacher_ddim50", None, 1.0, 0.9]]
+
+
+def test_a_study_table_is_a_summary_run_in_the_study_group(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = tiny_run.tiny_config()
+    config.wandb.mode = "offline"
+    tracking.log_results(config, str(tmp_path), "ablation", TABLE)  # experiments/lcd_ablation.py
+    (run,) = wandb_records.read_runs(str(tmp_path / "summary"))
+    assert (run["group"], run["job_type"], run["name"]) == (str(tmp_path), "summary", f"{tmp_path.name}-summary")
+    assert any(f.startswith("media/table/ablation_") for f in run["files"])

@@ -1,0 +1,54 @@
+"""Reads W&B offline runs back (W/wandb/offline-run-*/run-ID.wandb) for the tests."""
+import glob
+import json
+import os
+import struct
+
+
+def records(path: str):
+    """The protobuf records of a .wandb file: LevelDB's log format (32 KiB blocks of chunks with a
+    7-byte header: crc32, length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4) after a 7-byte
+    ':W&B' header."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", path
+    pos, block, chunks = 7, 32768, []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little left in the block for a header: zero padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunks.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            yield record
+
+
+def read_run(run_dir: str) -> dict:
+    """One offline run directory -> {id, group, job_type, name, config, history, summary, files}."""
+    (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
+    run = {"history": [], "summary": {}, "files": []}
+    for record in records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run.update(id=r.run_id, group=r.run_group, job_type=r.job_type, name=r.display_name,
+                       config={u.key: json.loads(u.value_json) for u in r.config.update})
+        elif kind == "history":
+            run["history"].append({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                                   for i in record.history.item})
+        elif kind == "summary":
+            for u in record.summary.update:
+                run["summary"]["/".join(u.nested_key) or u.key] = json.loads(u.value_json)
+        elif kind == "files":
+            run["files"] += [f.path for f in record.files.files]
+    return run
+
+
+def read_runs(workdir: str) -> list[dict]:
+    """Every offline run under W/wandb, oldest first."""
+    return [read_run(d) for d in sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*")))]
