@@ -11,6 +11,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 # Per notebook: the values that replace its parameters cell's in the test run.
 TINY = {
+    "quickstart.ipynb": dict(TINY=True, WORKDIR="{tmp}/chain", STEPS=[1], TEACHER_STEPS=2, NUM_SAMPLES=20),
+    "train_on_tpu.ipynb": dict(TINY=True, TEACHER_WORKDIR="{tmp}/chain", SIMULATED_DEVICES=8, FSDP=2,
+                               FSDP_MIN_SIZE=2 ** 10, STEPS=3),
+    "sd_lcm_sampling.ipynb": dict(BASE="{tmp}/base/pipe", LCM="{tmp}/lcm/pipe", LCM_LORA="{tmp}/lora",
+                                  TCD_LORA="{tmp}/lora", PROMPT="a cat", STEPS=[1, 2], DDIM_STEPS=3,
+                                  TCD_STEPS=2, GAMMAS=[0.0, 0.5]),
     "lego_bricks.ipynb": dict(TINY=True, TRAIN_STEPS=4, WORKDIR="{tmp}/lego", NUM_SAMPLES=16,
                               T_BREAKS=[0.5], HEUN_STEPS=2),
     "smooth_interpolation.ipynb": dict(TINY=True, TEACHER_WORKDIR="{tmp}/chain",
@@ -19,6 +25,25 @@ TINY = {
     "tcd_vs_lcm.ipynb": dict(TINY=True, TEACHER_WORKDIR="{tmp}/chain", STUDY_DIR="{tmp}/study",
                              TRAIN_STEPS=2, STEPS=[2], GAMMAS=[0.5], NUM_SAMPLES=20),
 }
+
+
+
+def tiny_sd_folders(tmp):
+    """sd_lcm_sampling.ipynb's inputs, tiny and random: a base SD pipeline folder, an LCM pipeline
+    folder (a w-embedding UNet) and a LoRA in peft layout."""
+    pytest.importorskip("diffusers")
+    import jax
+
+    from lcm_jax.models import lora
+    from test_pipeline import build
+
+    _, base = build(tmp / "base", "ddim")
+    build(tmp / "lcm", "lcm")
+    factors = jax.tree.map(lambda f: f + 0.01, lora.init(jax.random.PRNGKey(0), base.unet_params, rank=2))
+    lora.save(str(tmp / "lora"), factors, alpha=2.0)  # (lora_B is zero at init: moved off it)
+
+
+SETUP = {"sd_lcm_sampling.ipynb": tiny_sd_folders}  # inputs a notebook reads, made before it runs
 
 
 def test_every_notebook_has_tiny_parameters():
@@ -32,6 +57,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
         f"{path} carries outputs: strip them (jupyter nbconvert --clear-output --inplace)"
     index = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(index) == 1, f"{path} needs exactly one cell tagged 'parameters'"
+    SETUP.get(os.path.basename(path), lambda tmp: None)(tmp_path)
     values = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
               for k, v in TINY[os.path.basename(path)].items()}
     source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
