@@ -38,7 +38,9 @@ def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_r
         sigma_data=0.5, timestep_scaling=10.0, zero_init_cond_proj=True,
         sample_posterior=True,  # latent_dist.sample(), as the SD LCD scripts
         lora=ml_collections.ConfigDict(dict(rank=lora_rank, alpha=float(lora_rank),
-                                            targets=LCM_LORA_TARGETS)) if lora_rank else None))
+                                            targets=LCM_LORA_TARGETS,
+                                            merged=False))  # True: merged kernels in the step
+        if lora_rank else None))
     c.ema_decay = 0.0 if lora_rank else ema_decay  # LoRA: no EMA (samples show the live adapters)
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=lr, warmup_steps=500 if not lora_rank else 100, decay="constant", b1=0.9, b2=0.999,
@@ -70,6 +72,7 @@ def sd_base(pretrained: str, objective: str, *, image_size: int, prediction_type
         num_train_timesteps=1000, prediction_type=prediction_type))
     c.parallel = ml_collections.ConfigDict(dict(
         mode="jit", data=-1, fsdp=1, fsdp_min_size=2 ** 16, coordinator_address="",
-        num_processes=0, process_id=-1))
+        num_processes=0, process_id=-1,
+        compilation_cache_dir=""))  # e.g. ~/.cache/lcm_jax/xla: reruns skip compiling
     c.log_every_steps = 20
     return c

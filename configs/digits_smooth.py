@@ -32,7 +32,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.smooth = ml_collections.ConfigDict(dict(
         lambda_reg=1.0, decay=0.01, cond_drop_prob=0.1, sample_posterior=False,
         teacher_workdir="workdirs/digits_lcd",  # README command 1's chain (trained if absent)
-        lora=ml_collections.ConfigDict(dict(rank=8, alpha=8.0, targets=ATTENTION_TARGETS))))
+        lora=ml_collections.ConfigDict(dict(rank=8, alpha=8.0, targets=ATTENTION_TARGETS,
+                                            merged=False))))
     c.ema_decay = 0.0  # the reference keeps no EMA: the live adapters are the model
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, warmup_steps=0, decay="constant", b1=0.9, b2=0.999, weight_decay=1e-2,

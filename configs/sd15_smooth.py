@@ -22,7 +22,8 @@ def get_config(pretrained: str = "") -> ml_collections.ConfigDict:
                 total_steps=30_000, seed=42)
     c.smooth = ml_collections.ConfigDict(dict(
         lambda_reg=1.0, decay=0.01, cond_drop_prob=0.0, sample_posterior=True,
-        lora=ml_collections.ConfigDict(dict(rank=8, alpha=8.0, targets=ATTENTION_TARGETS))))
+        lora=ml_collections.ConfigDict(dict(rank=8, alpha=8.0, targets=ATTENTION_TARGETS,
+                                            merged=False))))
     c.ema_decay = 0.0
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, warmup_steps=0, decay="constant", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,

@@ -80,3 +80,25 @@ def test_gradients_flow_only_to_lora(base):
     grads = fast_compile(jax.grad(loss), factors)
     assert jax.tree.structure(grads) == jax.tree.structure(factors)
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_unmerged_forward_and_gradients_equal_the_merged_form(base):
+    """x W + (x A) B applied at call time (lora.Unmerged, what training uses) vs the merged kernel,
+    through nn.remat'd transformer blocks: every LoRA'd Dense and Conv (3x3 convs, strided
+    downsamplers, 1x1 shortcuts) and their gradients."""
+    from lcm_jax.models import Denoiser
+
+    config, _, module, params = base
+    factors, alpha = random_lora(params, 2), 4.0
+    x, t, kw = inputs(config)
+    xj, kwj = jnp.asarray(x.transpose(0, 2, 3, 1)), jax.tree.map(jnp.asarray, kw)
+    net = Denoiser(module.clone(remat=True))
+    merged = lambda f: net.apply(lora.merge(params, f, alpha), xj, t, kwj)
+    unmerged = lambda f: net.apply(lora.Unmerged(params, f, alpha), xj, t, kwj)
+    ours, theirs = fast_compile(unmerged, factors), fast_compile(merged, factors)
+    assert float(jnp.max(jnp.abs(ours - net.apply(params, xj, t, kwj)))) > 1e-2  # the adapters act
+    np.testing.assert_allclose(ours, theirs, atol=1e-5 * float(jnp.max(jnp.abs(theirs))))
+    loss = lambda fn: lambda f: jnp.mean(fn(f) ** 2)
+    g_ours, g_theirs = fast_compile(jax.grad(loss(unmerged)), factors), fast_compile(jax.grad(loss(merged)), factors)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_theirs)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b))))

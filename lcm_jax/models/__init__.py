@@ -29,7 +29,13 @@ class Denoiser:
         return self.module.init(rng, x, t, **self._inputs(cond, w_emb))["params"]
 
     def apply(self, params, x, t, cond, w_emb=None, **kwargs):
-        """The prediction; `kwargs` go to the module (LEGO: num_bricks, to skip its top brick)."""
+        """The prediction; `kwargs` go to the module (LEGO: num_bricks, to skip its top brick).
+        `params` may be a `lora.Unmerged`: the base with its adapters applied at call time."""
+        from lcm_jax.models import lora
+
+        if isinstance(params, lora.Unmerged):
+            with lora.applied(params.lora, params.alpha, params.scale):
+                return self.apply(params.base, x, t, cond, w_emb, **kwargs)
         return self.module.apply({"params": params}, x, t, **self._inputs(cond, w_emb), **kwargs)
 
     def outputs(self, params, x, t, cond, w_emb=None, **kwargs) -> list:

@@ -3,8 +3,11 @@
 `lora = init(rng, base, targets, rank)` makes low-rank factors for every kernel whose module
 name is in `targets`; `merge(base, lora, alpha)` returns base + (alpha / rank) B A for those
 kernels. Training differentiates through `merge` with respect to `lora` only, so ONE base copy
-serves as the frozen teacher (apply with `base`) and as the student (apply with `merge(...)`):
-with LoRA off the forward is exactly the base model's.
+serves as the frozen teacher (apply with `base`) and as the student. Two ways to apply it:
+`merge(...)` builds base + delta kernels (what export and inference want: one matmul per layer),
+`Unmerged(base, lora, alpha)` adds (x A) B next to every targeted layer's x W at call time
+(`Denoiser.apply` takes it as params): training then holds the base kernels once, with no merged
+copies and no kernel-sized gradients. Both are equal up to float rounding.
 
 Layout (peft's, so export is a transpose): a Dense kernel [in, out] gets A [in, r] and B [r, out];
 a Conv kernel [kh, kw, in, out] gets A [kh, kw, in, r] (a conv like the base one) and
@@ -13,12 +16,15 @@ B [1, 1, r, out] (a 1x1 conv). A starts random (kaiming-uniform, a = sqrt(5), as
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
 import re
 from typing import Iterable, Mapping
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +98,48 @@ def merge(base: Mapping, lora: Mapping, alpha: float, scale: float = 1.0) -> dic
 
 def unmerge(merged: Mapping, lora: Mapping, alpha: float, scale: float = 1.0) -> dict:
     return merge(merged, lora, alpha, -scale)
+
+
+def adapted(base: Mapping, lora: Mapping, settings) -> "Unmerged | dict":
+    """The adapted network's params for a config's LoRA section (rank, alpha, merged): unmerged
+    by default (one base copy, no kernel-sized temporaries), `merged=True` for the merged form."""
+    alpha = settings.get("alpha", settings.rank)
+    return merge(base, lora, alpha) if settings.get("merged", False) else Unmerged(base, lora, alpha)
+
+
+@flax.struct.dataclass
+class Unmerged:
+    """Params for `Denoiser.apply`: the base, and factors applied next to each targeted layer."""
+    base: Mapping
+    lora: Mapping
+    alpha: float = flax.struct.field(pytree_node=False)
+    scale: float = flax.struct.field(pytree_node=False, default=1.0)
+
+
+@contextlib.contextmanager
+def applied(lora: Mapping, alpha: float, scale: float = 1.0):
+    """Inside, every nn.Dense / nn.Conv whose scope path has factors returns
+    x W + b + scale (alpha / r) (x A) B: A runs as the layer itself (its window, strides and
+    padding) with r outputs and no bias, B as a 1x1 map of the r channels."""
+    flat = convert.flatten(lora)
+    factors = {p[:-1]: (flat[p], flat[p[:-1] + ("lora_B",)]) for p in flat if p[-1] == "lora_A"}
+    layers = (nn.Dense, nn.Conv)
+
+    def interceptor(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, layers):
+            return y
+        ab = factors.get(tuple(module.scope.path))
+        if ab is None:
+            return y
+        a, b = ab
+        r = a.shape[-1]
+        h = module.clone(parent=None, features=r, use_bias=False).apply({"params": {"kernel": a}}, args[0])
+        return y + ((scale * alpha / r) * (h @ b.reshape(r, b.shape[-1]).astype(h.dtype))).astype(y.dtype)
+
+    with nn.intercept_methods(interceptor):
+        yield
 
 
 def trainable_mask(params: Mapping, lora_key: str = "lora") -> dict:

@@ -16,7 +16,7 @@ Per step, inside one XLA program (donated state, the shardings of parallel.py):
   5. L2 or pseudo-Huber distance, gradient clipping + AdamW, EMA theta^- <- mu theta^- + (1-mu) theta.
 
 LCM-LoRA mode (`config.lcd.lora`): ONE base network. The teacher is the base, the student is
-base + LoRA (merged inside the step, differentiated through the merge), the target is base +
+base + LoRA (applied next to each base kernel, `lora.Unmerged`: one base copy), the target is base +
 stop_gradient(LoRA) (`lcd.target = "online"`, as LCM-LoRA) or base + EMA(LoRA) ("ema"); there
 is no w-embedding. Full mode trains a copy of the teacher with a new `time_cond_proj` input.
 """
@@ -145,10 +145,10 @@ class LCDObjective:
         return consistency.guidance_scale_embedding(w, self.lcd.get("w_embedding_dim", 256))
 
     def student(self, params, frozen):
-        """The student's full parameters (LoRA: merged into the base)."""
+        """The student's parameters (LoRA: the base with the adapters, lora.adapted)."""
         if not self.lora:
             return params
-        return lora.merge(frozen["teacher"], params, self.lora.get("alpha", self.lora.rank))
+        return lora.adapted(frozen["teacher"], params, self.lora)
 
     def denoise(self, net: Denoiser, params, x, t, cond, w_emb=None):
         """(x0, eps) from the network's raw output, whatever its prediction type."""

@@ -95,10 +95,10 @@ class SmoothObjective:
 
     # -- the math ---------------------------------------------------------------------------
     def model_params(self, params, frozen):
-        """The network's full parameters (LoRA: merged into the base inside the program)."""
+        """The network's parameters (LoRA: the base with the adapters, lora.adapted)."""
         if not self.lora:
             return params
-        return lora.merge(frozen["base"], params, self.lora.get("alpha", self.lora.rank))
+        return lora.adapted(frozen["base"], params, self.lora)
 
     def apply_fn(self, params):
         return lambda x, t, cond: self.net.apply(params, x, t, cond)
