@@ -24,7 +24,8 @@ def edm_config(model: dict, data: dict, *, total_steps: int, batch_size: int, lr
     c.ema_decay = ema_decay
     c.parallel = ml_collections.ConfigDict(dict(
         mode="jit", data=-1, fsdp=1, fsdp_min_size=2 ** 16,
-        coordinator_address="", num_processes=0, process_id=-1))
+        coordinator_address="", num_processes=0, process_id=-1,
+        compilation_cache_dir=""))  # e.g. ~/.cache/lcm_jax/xla: reruns skip compiling
     c.log_every_steps = 100
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
     c.sample = ml_collections.ConfigDict(dict(

@@ -40,7 +40,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         mode="jit",  # "jit" (NamedSharding over a ('data', 'fsdp') mesh) or "pmap"
         data=-1, fsdp=1,  # mesh axis sizes; -1 fills with the remaining devices
         fsdp_min_size=2 ** 16,  # params smaller than this stay replicated
-        coordinator_address="", num_processes=0, process_id=-1))  # multi-host (or JAX env vars)
+        coordinator_address="", num_processes=0, process_id=-1,  # multi-host (or JAX env vars)
+        compilation_cache_dir=""))  # e.g. ~/.cache/lcm_jax/xla: reruns skip compiling
 
     c.log_every_steps = 100
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))

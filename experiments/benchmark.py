@@ -12,6 +12,10 @@ Suites:
                UNet2DConditionModel), same tiny UNet config, same batch, same CPU, one run.
   lcd_memory   XLA's compiled peak memory of the full LCD step vs the LCM-LoRA step (one base
                UNet) for SD 1.5 at 512^2 (abstract weights: nothing runs).
+  sampling     seconds from noise to decoded images: LCM 1 / 2 / 4 steps (w-conditioned student)
+               vs DDIM-50 and DPM-Solver++-25 with CFG, the LCD step's tiny UNet, batch 1.
+  compile      seconds to compile the fused LCD step in a fresh process, cold and with the
+               persistent compilation cache (config.parallel.compilation_cache_dir) warm.
   lego_memory  the paper-scale LEGO configs (configs/lego_imagenet64.py pg / pr, lego_imagenet256.py
                on 32x32x4 latents, lego_celeba64.py pg): XLA's compiled memory and FLOPs per
                image of ONE train step at a per-device batch (abstract weights: nothing runs).
@@ -300,15 +304,114 @@ def lego_memory(batch: int = 32) -> dict:
     return results
 
 
+SAMPLING_VAE = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=4,
+                    norm_num_groups=8)  # SD's VAE layout (factor 8), narrow
+
+
+def sampling(repeats: int = 5, batch: int = 1) -> dict:
+    """Seconds from noise to decoded images, one compiled program per case (the same programs
+    lcm_jax.pipeline runs): LCM 1 / 2 / 4 steps on the w-conditioned student (one UNet batch per
+    step) vs the teacher's DDIM-50 and DPM-Solver++-25 with CFG (a 2B batch per step). The LCD
+    step's tiny UNet, a narrow SD-layout VAE (16x16 latents -> 128^2 images), random weights."""
+    import functools
+
+    import numpy as np
+
+    from lcm_jax import pipeline
+    from lcm_jax.diffusion import schedule as sched
+    from lcm_jax.models import vae
+
+    rng = jax.random.PRNGKey(0)
+    side = LCD_UNET["sample_size"]
+    x = jax.random.normal(rng, (batch, side, side, 4))
+    cond = {"encoder_hidden_states": jax.random.normal(rng, (batch, LCD_CONTEXT, LCD_UNET["cross_attention_dim"]))}
+    uncond = jax.tree.map(jnp.zeros_like, cond)
+    nets = {}
+    for name, w_dim in (("teacher", None), ("student", W_DIM)):
+        module = unet.from_config(dict(LCD_UNET, time_cond_proj_dim=w_dim))
+        xe, te, kw = unet._example_inputs(module.config, 1, side, LCD_CONTEXT)
+        nets[name] = module, module.init(rng, xe, te, **kw)["params"]
+    decoder = vae.from_config(SAMPLING_VAE)
+    decoder_params = decoder.init(rng, jnp.zeros((1, 8, 8, 3)))["params"]
+    schedule = sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
+    cases = {"decode_only": (None, 0, "student"), "lcm_1": ("lcm", 1, "student"), "lcm_2": ("lcm", 2, "student"),
+             "lcm_4": ("lcm", 4, "student"), "ddim_50_cfg": ("ddim", 50, "teacher"),
+             "dpmpp_25_cfg": ("dpm_solver_pp", 25, "teacher")}
+    results = {}
+    for case, (sampler, steps, net) in cases.items():
+        module, params = nets[net]
+        cfg = net == "teacher"
+        options = pipeline.scheduler_options({}, sampler) if sampler else {}
+        sample = (functools.partial(pipeline._sample, module, schedule, "epsilon", sampler, steps, cfg,
+                                    0.3, options) if sampler else lambda p, x, *_: x)
+        run = jax.jit(lambda p, vp, x, c, u, r: decoder.decode_latents(vp, sample(p, x, c, u, r, 8.0)))
+        args = (params, decoder_params, x, cond, uncond, jax.random.PRNGKey(1))
+        start = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        compile_s = time.perf_counter() - start
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(run(*args))
+            times.append(time.perf_counter() - start)
+        results[case] = {"seconds": round(float(np.median(times)), 4), "first_call_s": round(compile_s, 2)}
+        print(case, results[case], flush=True)
+    ddim, decode = results["ddim_50_cfg"]["seconds"], results["decode_only"]["seconds"]
+    for case in ("lcm_1", "lcm_2", "lcm_4", "dpmpp_25_cfg"):  # with the decode, and without it
+        results[case]["of_ddim_50"] = round(results[case]["seconds"] / ddim, 4)
+        results[case]["sampling_only_of_ddim_50"] = round(
+            (results[case]["seconds"] - decode) / (ddim - decode), 4)
+    results.update(batch=batch, repeats=repeats, image_side=side * 8)
+    return results
+
+
+def compile_time() -> dict:
+    """Seconds to compile the lcd_step suite's fused step in a fresh process: cold, then again with
+    config.parallel.compilation_cache_dir holding the first process's programs."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        runs = [json.loads(subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--compile_once", cache], check=True,
+            capture_output=True, text=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    result = {"cold_s": runs[0], "cached_s": runs[1], "cached_over_cold": round(runs[1] / runs[0], 3)}
+    print(result, flush=True)
+    return result
+
+
+def _compile_once(cache: str) -> float:
+    import ml_collections
+
+    from lcm_jax import parallel
+
+    parallel.enable_compilation_cache(ml_collections.ConfigDict({"compilation_cache_dir": cache}))
+    objective = lcd_objective(LCD_UNET, LCD_UNET["sample_size"] * 8)
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    frozen = {"teacher": objective.teacher.params}
+    state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
+    batch = jax.tree.map(spec, lcd_batch(LCD_BATCH, LCD_UNET["sample_size"], LCD_CONTEXT,
+                                         LCD_UNET["cross_attention_dim"]))
+    start = time.perf_counter()
+    jax.jit(objective.train_step, donate_argnums=0).lower(state, batch, frozen).compile()
+    return round(time.perf_counter() - start, 2)
+
+
 SUITES = {"unet_memory": unet_memory, "lcd_step": lcd_step, "lcd_memory": lcd_memory,
-          "lego_memory": lego_memory}
+          "lego_memory": lego_memory, "sampling": sampling, "compile": compile_time}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+    parser.add_argument("--suite", choices=sorted(SUITES))
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--compile_once", metavar="CACHE", help=argparse.SUPPRESS)  # compile's child
     args = parser.parse_args()
+    if args.compile_once:
+        print(json.dumps(_compile_once(args.compile_once)))
+        return
+    if not args.suite:
+        parser.error("--suite is required")
     results = {args.suite: SUITES[args.suite](), "device": str(jax.devices()[0])}
     print(json.dumps(results, indent=2))
     if args.json:

@@ -35,6 +35,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from lcm_jax import config_checks, parallel
 
     parallel.initialize_distributed(config.parallel)
+    parallel.enable_compilation_cache(config.parallel)
     config_checks.validate(config)  # every config problem, before anything compiles
 
     import jax

@@ -34,6 +34,17 @@ def initialize_distributed(parallel_config) -> None:
         process_id=None if parallel_config.get("process_id", -1) < 0 else parallel_config.process_id)
 
 
+def enable_compilation_cache(parallel_config) -> None:
+    """JAX's persistent compilation cache in config.parallel.compilation_cache_dir (off when
+    empty): a rerun, a resume or another process with the same programs loads them instead of
+    compiling. Every program is cached, however fast it compiled."""
+    path = parallel_config.get("compilation_cache_dir", "")
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def mesh_shape(parallel_config, device_count: int) -> tuple[int, int]:
     data, fsdp = parallel_config.get("data", -1), parallel_config.get("fsdp", 1)
     if data == -1:
