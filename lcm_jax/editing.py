@@ -27,6 +27,7 @@ import numpy as np
 from lcm_jax import pipeline
 from lcm_jax.diffusion import inversion
 from lcm_jax.diffusion import schedule as sched
+from lcm_jax.models import lora
 
 DIGITS_DDIM = {"timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True}
 SD_DDIM = {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False}
@@ -110,7 +111,7 @@ class LatentModel:
             objective = SmoothObjective(config, teacher)
             template = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), objective.frozen).params
             trained = teachers.load_params(teachers.smooth_path(smooth_workdir), template)
-            params = objective.model_params(trained, objective.frozen)
+            params = lora.materialized(objective.model_params(trained, objective.frozen))
         null_class = teacher.conditioning.null_class
         row = params["y_embedder"]["embedding"][null_class]
         apply = lambda p, x, t, labels: teacher.net.apply(p, x, t, labels)

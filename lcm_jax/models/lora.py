@@ -116,6 +116,11 @@ class Unmerged:
     scale: float = flax.struct.field(pytree_node=False, default=1.0)
 
 
+def materialized(params):
+    """Plain params (for code that reads or edits kernels): an Unmerged merged, others as is."""
+    return merge(params.base, params.lora, params.alpha, params.scale) if isinstance(params, Unmerged) else params
+
+
 @contextlib.contextmanager
 def applied(lora: Mapping, alpha: float, scale: float = 1.0):
     """Inside, every nn.Dense / nn.Conv whose scope path has factors returns
