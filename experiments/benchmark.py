@@ -12,6 +12,8 @@ Suites:
                UNet2DConditionModel), same tiny UNet config, same batch, same CPU, one run.
   lcd_memory   XLA's compiled peak memory of the full LCD step vs the LCM-LoRA step (one base
                UNet) for SD 1.5 at 512^2 (abstract weights: nothing runs).
+  lcd_breakdown  the lcd_step suite's pieces, JAX vs PyTorch (ms): student forward, forward +
+               backward, the teacher's 2B call, clip + AdamW + EMA; XLA's FLOPs of fwd + bwd.
   sampling     seconds from noise to decoded images: LCM 1 / 2 / 4 steps (w-conditioned student)
                vs DDIM-50 and DPM-Solver++-25 with CFG, the LCD step's tiny UNet, batch 1.
   compile      seconds to compile the fused LCD step in a fresh process, cold and with the
@@ -304,6 +306,116 @@ def lego_memory(batch: int = 32) -> dict:
     return results
 
 
+def _median_ms(fn, repeats: int) -> float:
+    import numpy as np
+
+    fn()
+    fn()  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(1e3 * float(np.median(times)), 2)
+
+
+def lcd_breakdown(repeats: int = 10) -> dict:
+    """The lcd_step suite's pieces, JAX vs PyTorch side by side (ms, median): the student UNet's
+    forward, forward + backward, the teacher's 2B call (cond and uncond in one batch), and
+    clip + AdamW + EMA over the student's params. Same tiny UNet, batch, CPU; one run."""
+    import numpy as np
+    import optax
+    import torch
+
+    b, side = LCD_BATCH, LCD_UNET["sample_size"]
+    batch = lcd_batch(b, side, LCD_CONTEXT, LCD_UNET["cross_attention_dim"])
+    rng = np.random.default_rng(0)
+    w_emb = rng.standard_normal((b, W_DIM)).astype("float32")
+    t = np.full((b,), 500, np.int32)
+    x, c = batch["latents"], batch["prompt_embeds"]
+    x2, c2, t2 = np.concatenate([x, x]), np.concatenate([c, batch["uncond_embeds"]]), np.concatenate([t, t])
+
+    student = unet.from_config(dict(LCD_UNET, time_cond_proj_dim=W_DIM))
+    teacher = unet.from_config(LCD_UNET)
+    xe, te, kw = unet._example_inputs(student.config, 1, side, LCD_CONTEXT)
+    params = student.init(jax.random.PRNGKey(0), xe, te, **kw)["params"]
+    kw.pop("timestep_cond", None)
+    teacher_params = teacher.init(jax.random.PRNGKey(0), xe, te, **kw)["params"]
+    fwd = lambda p, x, c, w: student.apply({"params": p}, x, jnp.asarray(t), encoder_hidden_states=c, timestep_cond=w)
+    loss = lambda p, x, c, w: jnp.mean(fwd(p, x, c, w) ** 2)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, 0.9, 0.999, 1e-8, weight_decay=0.0))
+
+    def update(p, ema, opt, g):
+        u, opt = tx.update(g, opt, p)
+        p = optax.apply_updates(p, u)
+        return p, jax.tree.map(lambda e, q: EMA * e + (1 - EMA) * q, ema, p), opt
+
+    jx, jc, jw = map(jnp.asarray, (x, c, w_emb))
+    grads = jax.jit(jax.grad(loss))(params, jx, jc, jw)
+    state = {"p": jax.tree.map(jnp.copy, params), "ema": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
+    jit_update = jax.jit(update, donate_argnums=(0, 1, 2))
+
+    def jax_update():
+        state["p"], state["ema"], state["opt"] = jit_update(state["p"], state["ema"], state["opt"], grads)
+        jax.block_until_ready(state["p"])
+
+    jit_fwd, jit_grad = jax.jit(fwd), jax.jit(jax.grad(loss))
+    jit_teacher = jax.jit(lambda p, x, t, c: teacher.apply({"params": p}, x, t, encoder_hidden_states=c))
+    ours = {
+        "student_forward": lambda: jax.block_until_ready(jit_fwd(params, jx, jc, jw)),
+        "student_forward_backward": lambda: jax.block_until_ready(jit_grad(params, jx, jc, jw)),
+        "teacher_2b_forward": lambda: jax.block_until_ready(
+            jit_teacher(teacher_params, jnp.asarray(x2), jnp.asarray(t2), jnp.asarray(c2))),
+        "clip_adamw_ema": jax_update}
+
+    import diffusers
+
+    torch.manual_seed(0)
+    s_net = diffusers.UNet2DConditionModel(**LCD_UNET, time_cond_proj_dim=W_DIM).train()
+    t_net = diffusers.UNet2DConditionModel(**LCD_UNET).eval().requires_grad_(False)
+    ema = [p.detach().clone() for p in s_net.parameters()]
+    opt = torch.optim.AdamW(s_net.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+    tx_, tc, tw, tt = nchw(x), torch.from_numpy(c), torch.from_numpy(w_emb), torch.from_numpy(t).long()
+    tx2, tc2, tt2 = nchw(x2), torch.from_numpy(c2), torch.from_numpy(t2).long()
+
+    def torch_forward():
+        with torch.no_grad():
+            s_net(tx_, tt, timestep_cond=tw, encoder_hidden_states=tc)
+
+    def torch_forward_backward():
+        s_net.zero_grad(set_to_none=True)
+        (s_net(tx_, tt, timestep_cond=tw, encoder_hidden_states=tc).sample ** 2).mean().backward()
+
+    def torch_teacher():
+        with torch.no_grad():
+            t_net(tx2, tt2, encoder_hidden_states=tc2)
+
+    torch_forward_backward()  # grads in place for the optimizer timing
+
+    def torch_update():
+        torch.nn.utils.clip_grad_norm_(s_net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, s_net.parameters()):
+                e.mul_(EMA).add_(p, alpha=1 - EMA)
+
+    theirs = {"student_forward": torch_forward, "student_forward_backward": torch_forward_backward,
+              "teacher_2b_forward": torch_teacher, "clip_adamw_ema": torch_update}
+    results = {}
+    for name in ours:
+        results[name] = {"jax_ms": _median_ms(ours[name], repeats), "torch_ms": _median_ms(theirs[name], repeats)}
+        results[name]["torch_over_jax"] = round(results[name]["torch_ms"] / results[name]["jax_ms"], 3)
+        print(name, results[name], flush=True)
+    compiled = jax.jit(jax.grad(loss)).lower(params, jx, jc, jw).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    results["forward_backward_hlo"] = {"gflops": round(cost.get("flops", 0) / 1e9, 3),
+                                       "gbytes_accessed": round(cost.get("bytes accessed", 0) / 1e9, 3)}
+    results.update(batch=b, torch_threads=torch.get_num_threads(), xla_flags=os.environ.get("XLA_FLAGS", ""))
+    return results
+
+
 SAMPLING_VAE = dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=4,
                     norm_num_groups=8)  # SD's VAE layout (factor 8), narrow
 
@@ -398,7 +510,8 @@ def _compile_once(cache: str) -> float:
 
 
 SUITES = {"unet_memory": unet_memory, "lcd_step": lcd_step, "lcd_memory": lcd_memory,
-          "lego_memory": lego_memory, "sampling": sampling, "compile": compile_time}
+          "lego_memory": lego_memory, "sampling": sampling, "compile": compile_time,
+          "lcd_breakdown": lcd_breakdown}
 
 
 def main():
