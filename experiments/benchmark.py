@@ -427,8 +427,6 @@ def sampling(repeats: int = 5, batch: int = 1) -> dict:
     step's tiny UNet, a narrow SD-layout VAE (16x16 latents -> 128^2 images), random weights."""
     import functools
 
-    import numpy as np
-
     from lcm_jax import pipeline
     from lcm_jax.diffusion import schedule as sched
     from lcm_jax.models import vae
@@ -461,12 +459,8 @@ def sampling(repeats: int = 5, batch: int = 1) -> dict:
         start = time.perf_counter()
         jax.block_until_ready(run(*args))
         compile_s = time.perf_counter() - start
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(run(*args))
-            times.append(time.perf_counter() - start)
-        results[case] = {"seconds": round(float(np.median(times)), 4), "first_call_s": round(compile_s, 2)}
+        ms = _median_ms(lambda: jax.block_until_ready(run(*args)), repeats)
+        results[case] = {"seconds": round(ms / 1e3, 4), "first_call_s": round(compile_s, 2)}
         print(case, results[case], flush=True)
     ddim, decode = results["ddim_50_cfg"]["seconds"], results["decode_only"]["seconds"]
     for case in ("lcm_1", "lcm_2", "lcm_4", "dpmpp_25_cfg"):  # with the decode, and without it
