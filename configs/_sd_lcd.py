@@ -66,7 +66,7 @@ def sd_base(pretrained: str, objective: str, *, image_size: int, prediction_type
         name="webdataset", path="", image_size=image_size, channels=3, caption_key="txt",
         random_crop=True, random_flip=False, shuffle_buffer=1000))
     c.model = ml_collections.ConfigDict(dict(
-        name="unet", pretrained=pretrained, dtype="float32", remat=True, clip_skip=None))
+        name="unet", pretrained=pretrained, dtype="float32", remat=True, attention="auto", clip_skip=None))
     c.diffusion = ml_collections.ConfigDict(dict(  # SD's; the folder's scheduler config is used
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         num_train_timesteps=1000, prediction_type=prediction_type))

@@ -19,7 +19,7 @@ from lcm_jax import data, tracking
 from lcm_jax.data import webdataset
 from lcm_jax.diffusion import samplers, solvers
 from lcm_jax.diffusion import schedule as sched
-from lcm_jax.models import MODELS, lego
+from lcm_jax.models import MODELS, attention, lego
 
 # The objectives registry: the names `config.objective` may take (one file each in objectives/).
 OBJECTIVES = ("diffusion", "lcd", "lcf", "tcd", "smooth", "edm")
@@ -160,6 +160,7 @@ def _required(config):
 def _names(config):
     yield from _choice(config, "objective", OBJECTIVES, "objective")
     yield from _choice(config, "model.name", MODELS, "model")
+    yield from _choice(config, "model.attention", attention.IMPLEMENTATIONS, "attention implementation")
     yield from _choice(config, "data.name", data.DATASETS, "dataset")
 
 

@@ -43,8 +43,8 @@ def from_pretrained(config) -> Teacher:
     folder = os.path.expanduser(config.model.pretrained)
     sub = lambda name: os.path.join(folder, name)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.get("dtype", "float32")]
-    remat = config.model.get("remat", False)
-    unet_module, unet_params = unet.from_pretrained(sub("unet"), dtype=dtype, remat=remat)
+    remat, attention = config.model.get("remat", False), config.model.get("attention", "auto")
+    unet_module, unet_params = unet.from_pretrained(sub("unet"), dtype=dtype, remat=remat, attention=attention)
     vae_module, vae_params = vae.from_pretrained(sub("vae"), dtype=dtype)
     with open(os.path.join(sub("scheduler"), "scheduler_config.json")) as f:
         sc = json.load(f)
@@ -82,7 +82,8 @@ def from_pretrained(config) -> Teacher:
     elif config.objective in ("lcd", "tcd") and not config.lcd.get("lora"):
         student_config = dict(convert.read_config(sub("unet")),
                               time_cond_proj_dim=w_embedding_dim(config))
-        student = models.Denoiser(unet.from_config(student_config, dtype=dtype, remat=remat))
+        student = models.Denoiser(unet.from_config(student_config, dtype=dtype, remat=remat,
+                                                   attention=attention))
     return Teacher(models.Denoiser(unet_module), unet_params, schedule, prediction_type, cond,
                    (size, size, unet_module.config.in_channels), vae_module, vae_params, student)
 

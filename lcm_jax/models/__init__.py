@@ -66,6 +66,6 @@ def make_model(model_config, in_channels: int, time_cond_proj_dim: int | None = 
                            num_class_embeds=model_config.num_classes + 1,  # + the null class
                            time_cond_proj_dim=time_cond_proj_dim)
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.get("dtype", "float32")]
-        return Denoiser(unet.from_config(unet_config, dtype=dtype,
-                                         remat=model_config.get("remat", False)), "class_labels")
+        return Denoiser(unet.from_config(unet_config, dtype=dtype, remat=model_config.get("remat", False),
+                                         attention=model_config.get("attention", "auto")), "class_labels")
     raise ValueError(f"config.model.name={name!r} is not a known model; use one of {MODELS}.")

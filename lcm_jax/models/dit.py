@@ -20,9 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from lcm_jax.models.attention import dot_product_attention
 from lcm_jax.models.embeddings import TimestepEmbedding, sincos_2d, timestep_embedding
 
 FREQ_DIM = 256  # width of the sinusoidal timestep embedding fed to the timestep MLP (DiT's)
@@ -46,6 +46,7 @@ class Attention(nn.Module):
     width: int
     num_heads: int
     dtype: Any = jnp.float32
+    attention: str = "auto"  # attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x):
@@ -54,7 +55,7 @@ class Attention(nn.Module):
         b, l, _ = x.shape
         qkv = nn.Dense(3 * self.width, dtype=self.dtype, kernel_init=xavier, name="qkv")(x)
         q, k, v = qkv.reshape(b, l, 3, self.num_heads, -1).transpose(2, 0, 1, 3, 4)
-        out = jax.nn.dot_product_attention(q, k, v)  # [B, L, H, D]; XLA picks the kernel
+        out = dot_product_attention(q, k, v, self.attention)  # [B, L, H, D]
         return nn.Dense(self.width, dtype=self.dtype, kernel_init=xavier, name="proj")(
             out.reshape(b, l, self.width))
 
@@ -78,6 +79,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, c):
@@ -85,7 +87,7 @@ class DiTBlock(nn.Module):
                        name="adaLN_modulation")(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(_layer_norm(self.dtype, "norm1")(x), shift_msa, scale_msa)
-        attn = Attention(self.width, self.num_heads, self.dtype, name="attn")
+        attn = Attention(self.width, self.num_heads, self.dtype, self.attention, name="attn")
         x = x + gate_msa[:, None] * attn(h)
         h = modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
         return x + gate_mlp[:, None] * Mlp(self.width, self.mlp_ratio, self.dtype, name="mlp")(h)
@@ -162,6 +164,7 @@ class DiT(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     time_cond_proj_dim: int | None = None  # the w-embedding input of consistency students
+    attention: str = "auto"  # attention.IMPLEMENTATIONS
 
     @property
     def null_class(self) -> int:
@@ -189,7 +192,7 @@ class DiT(nn.Module):
         # Explicit names keep the param tree identical with and without remat.
         block = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
-            x = block(self.width, self.num_heads, self.mlp_ratio, self.dtype,
+            x = block(self.width, self.num_heads, self.mlp_ratio, self.dtype, self.attention,
                       name=f"blocks_{i}")(x, c)
         x = FinalLayer(p, self.out_channels or channels, self.dtype, name="final_layer")(x, c)
         return unpatchify(x, h, w, p).astype(jnp.float32)
@@ -220,4 +223,4 @@ def from_config(model_config, in_channels: int, time_cond_proj_dim: int | None =
     return DiT(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                mlp_ratio=m.get("mlp_ratio", 4.0), num_classes=m.get("num_classes", 0),
                out_channels=in_channels, dtype=_DTYPES[dtype], remat=m.get("remat", False),
-               time_cond_proj_dim=time_cond_proj_dim)
+               time_cond_proj_dim=time_cond_proj_dim, attention=m.get("attention", "auto"))

@@ -2,16 +2,17 @@
 
 Submodule names are diffusers' state-dict names (list positions joined with '_', see convert.py),
 so loading a checkpoint is a mechanical rename. Normalisations run in float32 whatever the
-compute dtype (as diffusers' upcasting does); attention goes through jax.nn.dot_product_attention,
-which picks the fused kernel where the backend has one.
+compute dtype (as diffusers' upcasting does); attention goes through attention.py, whose `attention`
+field picks XLA's or the chunked implementation.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from lcm_jax.models.attention import dot_product_attention
 
 
 def group_norm(groups: int, eps: float, name: str):
@@ -77,6 +78,7 @@ class Attention(nn.Module):
     out_dim: int
     bias: bool = False
     dtype: Any = jnp.float32
+    attention: str = "auto"  # attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -86,7 +88,7 @@ class Attention(nn.Module):
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
         q, k, v = (split(dense(inner, name)(src)) for name, src in
                    (("to_q", x), ("to_k", context), ("to_v", context)))
-        out = jax.nn.dot_product_attention(q, k, v).reshape(x.shape[0], x.shape[1], inner)
+        out = dot_product_attention(q, k, v, self.attention).reshape(x.shape[0], x.shape[1], inner)
         return dense(self.out_dim, "to_out_0", bias=True)(out)
 
 
@@ -118,11 +120,13 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     dim_head: int
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, context):
         ln = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
-        attn = lambda name: Attention(self.heads, self.dim_head, self.dim, dtype=self.dtype, name=name)
+        attn = lambda name: Attention(self.heads, self.dim_head, self.dim, dtype=self.dtype,
+                                      attention=self.attention, name=name)
         x = x + attn("attn1")(ln("norm1")(x).astype(self.dtype))
         x = x + attn("attn2")(ln("norm2")(x).astype(self.dtype), context)
         return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x).astype(self.dtype))
@@ -137,6 +141,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     remat: bool = False
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, context):
@@ -151,7 +156,7 @@ class Transformer2DModel(nn.Module):
             hid = proj(inner, "proj_in")(hid).reshape(b, h * w, inner)
         block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
         for i in range(self.num_layers):
-            hid = block(inner, self.heads, self.dim_head, self.dtype,
+            hid = block(inner, self.heads, self.dim_head, self.dtype, self.attention,
                         name=f"transformer_blocks_{i}")(hid, context)
         if self.use_linear_projection:
             hid = proj(c, "proj_out")(hid).reshape(b, h, w, c)

@@ -80,6 +80,7 @@ class Brick(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, tiles, c):
@@ -91,7 +92,8 @@ class Brick(nn.Module):
         x = x.reshape(n, g * g, self.width) + pos_embed(g, g, self.width, x.dtype)
         block = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
-            x = block(self.width, self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(x, c)
+            x = block(self.width, self.num_heads, self.mlp_ratio, self.dtype, self.attention,
+                      name=f"blocks_{i}")(x, c)
         x = FinalLayer(p, self.out_channels, self.dtype, name="final_layer")(x, c)
         return unpatchify(x, g, g, p).astype(jnp.float32)
 
@@ -111,6 +113,7 @@ class LEGO(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     time_cond_proj_dim: int | None = None  # the w-embedding input of consistency students
+    attention: str = "auto"  # attention.IMPLEMENTATIONS
 
     @property
     def null_class(self) -> int:
@@ -145,7 +148,7 @@ class LEGO(nn.Module):
         prev, outs = None, []
         for k, (r, p, depth, brick_width, heads) in enumerate(self.stack[:count]):
             brick = Brick(r, p, depth, brick_width, heads, out_channels, self.mlp_ratio, self.dtype,
-                          self.remat, name=f"bricks_{k}")
+                          self.remat, self.attention, name=f"bricks_{k}")
             inputs = jnp.concatenate([x, coords] if prev is None else [x, prev, coords], axis=-1)
             tile_in = to_tiles(inputs, r)
             n = tile_in.shape[1]
@@ -211,7 +214,7 @@ def from_config(model_config, in_channels: int, time_cond_proj_dim: int | None =
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")]
     return LEGO(stack=stack, num_classes=m.get("num_classes", 0), out_channels=in_channels,
                 mlp_ratio=m.get("mlp_ratio", 4.0), dtype=dtype, remat=m.get("remat", False),
-                time_cond_proj_dim=time_cond_proj_dim)
+                time_cond_proj_dim=time_cond_proj_dim, attention=m.get("attention", "auto"))
 
 
 def check_stack(stack) -> None:

@@ -127,6 +127,7 @@ class UNetBlock(nn.Module):
     mid: bool = False  # the mid block: resnet, (attention, resnet)
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, emb, context, skips=()):
@@ -143,7 +144,7 @@ class UNetBlock(nn.Module):
                 x = Transformer2DModel(self.heads, self.channels // self.heads,
                                        self.transformer_layers, c.norm_num_groups,
                                        c.use_linear_projection, self.remat, self.dtype,
-                                       name=f"attentions_{j}")(x, context)
+                                       self.attention, name=f"attentions_{j}")(x, context)
                 if self.mid:
                     x = resnet(self.channels, c.norm_num_groups, c.norm_eps, dtype=self.dtype,
                                name=f"resnets_{j + 1}")(x, emb)
@@ -160,13 +161,15 @@ class UNet2DConditionModel(nn.Module):
     config: UNetConfig
     dtype: Any = jnp.float32  # compute dtype; params stay float32
     remat: bool = False  # rematerialise each resnet and transformer block (memory for compute)
+    attention: str = "auto"  # attention.IMPLEMENTATIONS: "auto" is "chunked" on CPU, "xla" elsewhere
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states=None, class_labels=None,
                  timestep_cond=None, added_cond: dict | None = None):
         c = self.config
         emb = self._embedding(sample.shape[0], timesteps, class_labels, timestep_cond, added_cond)
-        block = lambda name, **kw: UNetBlock(c, dtype=self.dtype, remat=self.remat, name=name, **kw)
+        block = lambda name, **kw: UNetBlock(c, dtype=self.dtype, remat=self.remat,
+                                             attention=self.attention, name=name, **kw)
         last = len(c.block_out_channels) - 1
 
         x = conv(c.block_out_channels[0], 3, self.dtype, "conv_in")(sample.astype(self.dtype))
@@ -227,8 +230,9 @@ class UNet2DConditionModel(nn.Module):
         return emb
 
 
-def from_config(config_dict: dict, *, dtype=jnp.float32, remat: bool = False):
-    return UNet2DConditionModel(UNetConfig.from_dict(config_dict), dtype=dtype, remat=remat)
+def from_config(config_dict: dict, *, dtype=jnp.float32, remat: bool = False, attention: str = "auto"):
+    return UNet2DConditionModel(UNetConfig.from_dict(config_dict), dtype=dtype, remat=remat,
+                                attention=attention)
 
 
 def abstract_params(module: UNet2DConditionModel, sample_size: int = 8, context_len: int = 4):
@@ -252,10 +256,11 @@ def _example_inputs(c: UNetConfig, b: int, size: int, context_len: int):
     return jnp.zeros((b, size, size, c.in_channels)), jnp.zeros((b,), jnp.int32), kw
 
 
-def from_pretrained(folder: str, *, dtype=jnp.float32, remat: bool = False, variant=None):
+def from_pretrained(folder: str, *, dtype=jnp.float32, remat: bool = False, attention: str = "auto",
+                    variant=None):
     """(module, params) from a diffusers UNet folder (config.json + safetensors)."""
     config = convert.read_config(folder)
-    module = from_config(config, dtype=dtype, remat=remat)
+    module = from_config(config, dtype=dtype, remat=remat, attention=attention)
     params = convert.torch_to_flax(convert.load_state_dict(folder, variant), abstract_params(module))
     return module, params
 

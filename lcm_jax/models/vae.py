@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lcm_jax.models import convert
+from lcm_jax.models.attention import dot_product_attention
 from lcm_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 EPS = 1e-6  # every VAE norm (resnets, attention, conv_norm_out) uses 1e-6
@@ -106,7 +107,7 @@ class MidAttention(nn.Module):
         hid = group_norm(self.groups, EPS, "group_norm")(x).astype(self.dtype)
         hid = hid.reshape(b, h * w, 1, c)  # [batch, tokens, 1 head, channels]
         q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(hid) for n in ("to_q", "to_k", "to_v"))
-        out = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
+        out = dot_product_attention(q, k, v).reshape(b, h * w, c)  # "auto": chunked on CPU only
         return x + nn.Dense(c, dtype=self.dtype, name="to_out_0")(out).reshape(b, h, w, c)
 
 
