@@ -12,6 +12,9 @@ Suites:
                UNet2DConditionModel), same tiny UNet config, same batch, same CPU, one run.
   lcd_memory   XLA's compiled peak memory of the full LCD step vs the LCM-LoRA step (one base
                UNet) for SD 1.5 at 512^2 (abstract weights: nothing runs).
+  xla_flags    the lcd_step suite's JAX step compiled under each set of XLA CPU options
+               (XLA_CPU_OPTIONS: YNNPACK, XNNPACK, oneDNN, fast math, vector width, threading,
+               scheduler, emitters), all alternating with the PyTorch step in one process.
   lcd_breakdown  the lcd_step suite's pieces, JAX vs PyTorch (ms): student forward, forward +
                backward, the teacher's 2B call, clip + AdamW + EMA; XLA's FLOPs of fwd + bwd.
   sampling     seconds from noise to decoded images: LCM 1 / 2 / 4 steps (w-conditioned student)
@@ -33,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lcm_jax.models import unet  # noqa: E402
+from lcm_jax.models import attention, unet  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNET_CASES = (("sd15", 512), ("sd21", 768), ("sdxl", 1024))
@@ -103,7 +106,7 @@ class CachedTextConditioning:
 
 
 def lcd_objective(unet_config: dict, image_side: int, params=None, lora_rank: int = 0,
-                  remat: bool = False, context: int = LCD_CONTEXT):
+                  remat: bool = False, context: int = LCD_CONTEXT, attention: str = "auto"):
     """LCDObjective on a UNet teacher with cached text embeddings; params=None: abstract weights."""
     import ml_collections
 
@@ -111,8 +114,9 @@ def lcd_objective(unet_config: dict, image_side: int, params=None, lora_rank: in
     from lcm_jax.diffusion import schedule as sched
     from lcm_jax.objectives.lcd import LCDObjective, Teacher
 
-    teacher_module = unet.from_config(unet_config, remat=remat)
-    student_module = unet.from_config(dict(unet_config, time_cond_proj_dim=W_DIM), remat=remat)
+    teacher_module = unet.from_config(unet_config, remat=remat, attention=attention)
+    student_module = unet.from_config(dict(unet_config, time_cond_proj_dim=W_DIM), remat=remat,
+                                      attention=attention)
     if params is None:
         params = unet.abstract_params(teacher_module)
     side = image_side // 8
@@ -140,34 +144,27 @@ def lcd_batch(b: int, side: int, context: int, dim: int, seed: int = 0):
             "uncond_embeds": rng.standard_normal((b, context, dim)).astype("float32")}
 
 
-def _time(step, n: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return time.perf_counter() - start
-
-
-def jax_lcd_step(batch: dict, steps: int) -> float:
+def jax_lcd_step(batch: dict, attention: str = "auto", compiler_options: dict | None = None):
+    """A callable running one fused LCD step of lcm_jax (until its loss is ready)."""
     module = unet.from_config(LCD_UNET)
     x, t, kw = unet._example_inputs(module.config, 1, LCD_UNET["sample_size"], LCD_CONTEXT)
     params = module.init(jax.random.PRNGKey(0), x, t, **kw)["params"]
-    objective = lcd_objective(LCD_UNET, LCD_UNET["sample_size"] * 8, params)
+    objective = lcd_objective(LCD_UNET, LCD_UNET["sample_size"] * 8, params, attention=attention)
     frozen = {"teacher": params}
     state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
-    step_fn = jax.jit(objective.train_step, donate_argnums=0)
     device_batch = jax.device_put(batch)
+    step_fn = jax.jit(objective.train_step, donate_argnums=0).lower(state, device_batch, frozen).compile(
+        compiler_options=compiler_options)
     holder = {"state": state}
 
     def step():
         holder["state"], metrics = step_fn(holder["state"], device_batch, frozen)
         jax.block_until_ready(metrics["loss"])
 
-    return _time(step, steps)
+    return step
 
 
-def torch_lcd_step(batch: dict, steps: int) -> float:
+def torch_lcd_step(batch: dict):
     """The reference LCD script's step (diffusers examples/consistency_distillation), verbatim in
     structure: 4 UNet forwards (student, teacher cond, teacher uncond, target) + 1 backward."""
     import copy
@@ -237,23 +234,81 @@ def torch_lcd_step(batch: dict, steps: int) -> float:
             for p_t, p in zip(target.parameters(), student.parameters()):
                 p_t.mul_(EMA).add_(p, alpha=1 - EMA)
 
-    return _time(step, steps)
+    return step
 
 
-def lcd_step(steps: int = 20) -> dict:
+def _rounds(sides: dict, rounds: int, steps: int) -> dict:
+    """Seconds of each of `rounds` rounds of `steps` calls per side, the sides alternating within a
+    round (so all see the same machine state), after two warm-up calls each (JAX compiles there)."""
+    seconds = {name: [] for name in sides}
+    for step in sides.values():
+        step(), step()
+    for _ in range(rounds):
+        for name, step in sides.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def lcd_batch_for_step() -> dict:
+    return lcd_batch(LCD_BATCH, LCD_UNET["sample_size"], LCD_CONTEXT, LCD_UNET["cross_attention_dim"])
+
+
+def lcd_step(rounds: int = 7, steps: int = 5) -> dict:
+    """images/s of each side from its median round (`_rounds`): lcm_jax's step with its default
+    attention ("auto": chunked on CPU) and with XLA's, and the PyTorch step."""
+    import numpy as np
     import torch
 
-    batch = lcd_batch(LCD_BATCH, LCD_UNET["sample_size"], LCD_CONTEXT, LCD_UNET["cross_attention_dim"])
-    jax_s = jax_lcd_step(batch, steps)
-    torch_s = torch_lcd_step(batch, steps)
+    batch = lcd_batch_for_step()
+    sides = {"jax": jax_lcd_step(batch, "auto"), "jax_xla_attention": jax_lcd_step(batch, "xla"),
+             "torch": torch_lcd_step(batch)}
+    seconds = _rounds(sides, rounds, steps)
+    jax_s, torch_s = (float(np.median(seconds[name])) for name in ("jax", "torch"))
     images = LCD_BATCH * steps
-    result = {"jax_img_per_s": round(images / jax_s, 2), "torch_img_per_s": round(images / torch_s, 2),
-              "ratio": round(torch_s / jax_s, 3), "batch": LCD_BATCH, "steps": steps,
-              "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in LCD_UNET.items()},
-              "torch_threads": torch.get_num_threads(),
-              "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    result = {f"{name}_img_per_s": round(images / float(np.median(seconds[name])), 2) for name in sides}
+    result.update(ratio=round(torch_s / jax_s, 3),
+                  ratio_per_round=[round(t / j, 3) for j, t in zip(seconds["jax"], seconds["torch"])],
+                  batch=LCD_BATCH, rounds=rounds, steps_per_round=steps,
+                  jax_attention=attention.resolve("auto"),
+                  unet={k: list(v) if isinstance(v, tuple) else v for k, v in LCD_UNET.items()},
+                  torch_threads=torch.get_num_threads(), xla_flags=os.environ.get("XLA_FLAGS", ""))
     print(result, flush=True)
     return result
+
+
+# XLA CPU options, given per program (`.compile(compiler_options=...)`, as XLA_FLAGS would set them)
+# so that every variant runs in one process, alternating with the others and with PyTorch.
+XLA_CPU_OPTIONS = {
+    "default": {},
+    "ynnpack_off": {"xla_cpu_experimental_ynn_fusion_type": ""},  # dots, convs, fusions: Eigen / XLA
+    "xnnpack": {"xla_cpu_use_xnnpack": True},
+    "onednn": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True},
+    "fast_math": {"xla_cpu_enable_fast_math": True},
+    "vector_width_512": {"xla_cpu_prefer_vector_width": 512},
+    "eigen_single_thread": {"xla_cpu_multi_thread_eigen": False},
+    "concurrency_scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": True},
+    "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},
+}
+
+
+def xla_flags(rounds: int = 7, steps: int = 5) -> dict:
+    """ms per fused LCD step (median round) compiled under each of XLA_CPU_OPTIONS, all variants
+    and the PyTorch step alternating in one process (`_rounds`)."""
+    import numpy as np
+
+    batch = lcd_batch_for_step()
+    sides = {name: jax_lcd_step(batch, compiler_options=options) for name, options in XLA_CPU_OPTIONS.items()}
+    sides["torch"] = torch_lcd_step(batch)
+    seconds = _rounds(sides, rounds, steps)
+    ms = {name: round(1e3 * float(np.median(s)) / steps, 1) for name, s in seconds.items()}
+    results = {name: {"options": XLA_CPU_OPTIONS.get(name), "ms": ms[name],
+                      "vs_default": round(ms[name] / ms["default"], 3)} for name in sides}
+    for name in results:
+        print(name, results[name], flush=True)
+    return results
 
 
 def lcd_memory(batch: int = 1) -> dict:
@@ -505,7 +560,7 @@ def _compile_once(cache: str) -> float:
 
 SUITES = {"unet_memory": unet_memory, "lcd_step": lcd_step, "lcd_memory": lcd_memory,
           "lego_memory": lego_memory, "sampling": sampling, "compile": compile_time,
-          "lcd_breakdown": lcd_breakdown}
+          "lcd_breakdown": lcd_breakdown, "xla_flags": xla_flags}
 
 
 def main():

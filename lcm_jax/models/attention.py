@@ -67,8 +67,9 @@ def _forward_chunk(q, k, v):
     m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
     p = jnp.exp(s - m)
     total = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bkhd->bqhd", (p / total).astype(v.dtype), v)
-    return out, m + jnp.log(total)  # the row log-sum-exp, [B, H, chunk, 1]
+    out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.swapaxes(total, 1, 2)  # normalised after the product: L x D divisions, not L x S
+    return out.astype(v.dtype), m + jnp.log(total)  # and the row log-sum-exp, [B, H, chunk, 1]
 
 
 def _forward(q, k, v, chunk):
