@@ -40,4 +40,4 @@ def edm_config(model: dict, data: dict, *, total_steps: int, batch_size: int, lr
 
 def lego_model(layout: str, size: str, **extra) -> dict:
     return dict(name="lego", layout=layout, size=size, mlp_ratio=4.0, dtype="bfloat16",
-                remat=True, attention="auto", **extra)
+                remat=True, attention="auto", param_dtype="float32", **extra)

@@ -64,9 +64,14 @@ def sd_base(pretrained: str, objective: str, *, image_size: int, prediction_type
     c.batch_size = batch_size
     c.data = ml_collections.ConfigDict(dict(
         name="webdataset", path="", image_size=image_size, channels=3, caption_key="txt",
-        random_crop=True, random_flip=False, shuffle_buffer=1000))
+        random_crop=True, random_flip=False, shuffle_buffer=1000,
+        prefetch=2))  # batches decoded ahead in a thread (0: in the training loop)
     c.model = ml_collections.ConfigDict(dict(
-        name="unet", pretrained=pretrained, dtype="float32", remat=True, attention="auto", clip_skip=None))
+        name="unet", pretrained=pretrained, remat=True, clip_skip=None,
+        dtype="float32",  # compute dtype
+        param_dtype="float32",  # storage of the frozen teacher / VAE / text encoders ("bfloat16" halves
+        # them; the trained params stay a float32 master copy)
+        attention="auto"))  # "chunked" (memory-efficient) on CPU, XLA's on GPU / TPU
     c.diffusion = ml_collections.ConfigDict(dict(  # SD's; the folder's scheduler config is used
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         num_train_timesteps=1000, prediction_type=prediction_type))

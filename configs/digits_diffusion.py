@@ -25,7 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(dict(
         name="dit", patch_size=4, width=128, depth=4, num_heads=4, mlp_ratio=4.0,
-        num_classes=10, dtype="float32", remat=False, attention="auto"))
+        num_classes=10, dtype="float32", param_dtype="float32", remat=False, attention="auto"))
 
     c.diffusion = ml_collections.ConfigDict(dict(
         beta_schedule="linear", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000,

@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # The student and the teacher share the backbone (the student adds time_cond_proj).
     c.model = ml_collections.ConfigDict(dict(
         name="dit", patch_size=2, width=128, depth=4, num_heads=4, mlp_ratio=4.0,
-        num_classes=10, dtype="float32", remat=False, attention="auto"))
+        num_classes=10, dtype="float32", param_dtype="float32", remat=False, attention="auto"))
     c.diffusion = ml_collections.ConfigDict(dict(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         num_train_timesteps=1000, prediction_type="epsilon", min_snr_gamma=5.0,

@@ -41,10 +41,10 @@ def get_config(arg: str = "pg") -> ml_collections.ConfigDict:
 
     if name == "dit":
         model = dict(name="dit", patch_size=2, width=WIDTH, depth=6, num_heads=HEADS,
-                     mlp_ratio=4.0, dtype="float32", remat=False, attention="auto")
+                     mlp_ratio=4.0, dtype="float32", param_dtype="float32", remat=False, attention="auto")
     else:
         model = dict(name="lego", stack=[list(b) for b in STACKS[name]], mlp_ratio=4.0,
-                     dtype="float32", remat=False, attention="auto")
+                     dtype="float32", param_dtype="float32", remat=False, attention="auto")
     c = _lego.edm_config(model, dict(name="digits", image_size=16, channels=1), total_steps=3000,
                          batch_size=64, lr=1e-3, ema_decay=0.998, num_classes=10,
                          tile_fraction=0.5 if "sub" in args else 1.0, guidance_scale=1.5,

@@ -12,6 +12,10 @@ Suites:
                UNet2DConditionModel), same tiny UNet config, same batch, same CPU, one run.
   lcd_memory   XLA's compiled peak memory of the full LCD step vs the LCM-LoRA step (one base
                UNet) for SD 1.5 at 512^2 (abstract weights: nothing runs).
+  mfu          achieved FLOP/s of the fused LCD step (XLA's cost-analysis FLOPs / median step time)
+               over the dense matmul FLOP/s of this machine measured in the same run.
+  prefetch     training steps/s on a webdataset of the digits, batches decoded in the loop vs in
+               a thread (config.data.prefetch).
   xla_flags    the lcd_step suite's JAX step compiled under each set of XLA CPU options
                (XLA_CPU_OPTIONS: YNNPACK, XNNPACK, oneDNN, fast math, vector width, threading,
                scheduler, emitters), all alternating with the PyTorch step in one process.
@@ -86,27 +90,35 @@ LCD_BATCH, LCD_CONTEXT, W_DIM, W_RANGE, HUBER_C, EMA, LR = 8, 16, 256, (5.0, 15.
 
 
 class CachedTextConditioning:
-    """Conditioning from precomputed prompt embeddings (both sides skip the text encoder)."""
+    """Conditioning from precomputed prompt embeddings (both sides skip the text encoder); with
+    `pooled` (SDXL) also the pooled embedding and the size / crop time ids."""
     frozen = {}
 
-    def __init__(self, context: int, dim: int):
-        self.shape = (context, dim)
+    def __init__(self, context: int, dim: int, pooled: int = 0):
+        self.shape, self.pooled = (context, dim), pooled
 
     def prepare_batch(self, batch):
         return batch
 
+    def _added(self, batch, pooled):
+        return {"added_cond": {"text_embeds": pooled, "time_ids": batch["time_ids"]}} if self.pooled else {}
+
     def encode(self, batch, frozen):
         h = batch["prompt_embeds"]
-        return ({"encoder_hidden_states": h},
-                {"encoder_hidden_states": jnp.broadcast_to(batch["uncond_embeds"][:1], h.shape)})
+        cond = {"encoder_hidden_states": h, **self._added(batch, batch.get("pooled_embeds"))}
+        uncond = {"encoder_hidden_states": jnp.broadcast_to(batch["uncond_embeds"][:1], h.shape),
+                  **self._added(batch, jnp.zeros_like(batch.get("pooled_embeds", h[:, 0])))}
+        return cond, uncond
 
     def sample_conditions(self, frozen, num):  # shapes for the student's init; no sampling here
-        h = jnp.zeros((num,) + self.shape)
-        return {"encoder_hidden_states": h}, {"encoder_hidden_states": h}, jnp.arange(num)
+        batch = {"time_ids": jnp.zeros((num, 6)), "pooled_embeds": jnp.zeros((num, self.pooled))}
+        cond = {"encoder_hidden_states": jnp.zeros((num,) + self.shape), **self._added(batch, batch["pooled_embeds"])}
+        return cond, cond, jnp.arange(num)
 
 
 def lcd_objective(unet_config: dict, image_side: int, params=None, lora_rank: int = 0,
-                  remat: bool = False, context: int = LCD_CONTEXT, attention: str = "auto"):
+                  remat: bool = False, context: int = LCD_CONTEXT, attention: str = "auto",
+                  dtype=jnp.float32):
     """LCDObjective on a UNet teacher with cached text embeddings; params=None: abstract weights."""
     import ml_collections
 
@@ -114,15 +126,16 @@ def lcd_objective(unet_config: dict, image_side: int, params=None, lora_rank: in
     from lcm_jax.diffusion import schedule as sched
     from lcm_jax.objectives.lcd import LCDObjective, Teacher
 
-    teacher_module = unet.from_config(unet_config, remat=remat, attention=attention)
+    teacher_module = unet.from_config(unet_config, remat=remat, attention=attention, dtype=dtype)
     student_module = unet.from_config(dict(unet_config, time_cond_proj_dim=W_DIM), remat=remat,
-                                      attention=attention)
+                                      attention=attention, dtype=dtype)
     if params is None:
         params = unet.abstract_params(teacher_module)
     side = image_side // 8
     teacher = Teacher(models.Denoiser(teacher_module), params,
                       sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012), "epsilon",
-                      CachedTextConditioning(context, unet_config["cross_attention_dim"]), (side, side, 4),
+                      CachedTextConditioning(context, unet_config["cross_attention_dim"], _pooled_dim(unet_config)),
+                      (side, side, 4),
                       student_net=models.Denoiser(student_module))
     config = ml_collections.ConfigDict(dict(
         total_steps=10 ** 6, ema_decay=EMA,
@@ -135,13 +148,25 @@ def lcd_objective(unet_config: dict, image_side: int, params=None, lora_rank: in
     return LCDObjective(config, teacher)
 
 
-def lcd_batch(b: int, side: int, context: int, dim: int, seed: int = 0):
+def _pooled_dim(unet_config: dict) -> int:
+    """SDXL's pooled text embedding width (0 for SD 1.x / 2.x)."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return 0
+    return unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+
+
+def lcd_batch(b: int, side: int, context: int, dim: int, seed: int = 0, pooled: int = 0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return {"latents": rng.standard_normal((b, side, side, 4)).astype("float32"),
-            "prompt_embeds": rng.standard_normal((b, context, dim)).astype("float32"),
-            "uncond_embeds": rng.standard_normal((b, context, dim)).astype("float32")}
+    batch = {"latents": rng.standard_normal((b, side, side, 4)).astype("float32"),
+             "prompt_embeds": rng.standard_normal((b, context, dim)).astype("float32"),
+             "uncond_embeds": rng.standard_normal((b, context, dim)).astype("float32")}
+    if pooled:
+        batch.update(pooled_embeds=rng.standard_normal((b, pooled)).astype("float32"),
+                     time_ids=np.tile(np.asarray([[8.0 * side, 8.0 * side, 0, 0, 8.0 * side, 8.0 * side]],
+                                                 "float32"), (b, 1)))
+    return batch
 
 
 def jax_lcd_step(batch: dict, attention: str = "auto", compiler_options: dict | None = None):
@@ -161,6 +186,7 @@ def jax_lcd_step(batch: dict, attention: str = "auto", compiler_options: dict | 
         holder["state"], metrics = step_fn(holder["state"], device_batch, frozen)
         jax.block_until_ready(metrics["loss"])
 
+    step.compiled = step_fn
     return step
 
 
@@ -279,6 +305,114 @@ def lcd_step(rounds: int = 7, steps: int = 5) -> dict:
     return result
 
 
+def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
+    """Dense float32 [n, n] @ [n, n] FLOP/s: this machine's attainable peak for XLA."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+    matmul = jax.jit(lambda a, b: a @ b)
+    return 2 * n ** 3 / (_median_ms(lambda: jax.block_until_ready(matmul(a, a)), repeats) / 1e3)
+
+
+def mfu(rounds: int = 7, steps: int = 5) -> dict:
+    """Achieved FLOP/s of the fused LCD step (XLA's cost-analysis FLOPs over its median step time)
+    as a fraction of the dense matmul FLOP/s measured in the same run, before and after the step
+    (their mean). The PyTorch step is given the same FLOPs (the same math) for comparison."""
+    import numpy as np
+
+    batch = lcd_batch_for_step()
+    sides = {"jax": jax_lcd_step(batch), "torch": torch_lcd_step(batch)}
+    cost = sides["jax"].compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    peak_before = matmul_flops_per_s()
+    seconds = _rounds(sides, rounds, steps)
+    peak = (peak_before + matmul_flops_per_s()) / 2
+    result = {"step_gflops": round(flops / 1e9, 3), "matmul_gflop_per_s": round(peak / 1e9, 1),
+              "matmul_gflop_per_s_before": round(peak_before / 1e9, 1)}
+    for name, s in seconds.items():
+        achieved = flops / (float(np.median(s)) / steps)
+        result[name] = {"step_ms": round(1e3 * float(np.median(s)) / steps, 1),
+                        "gflop_per_s": round(achieved / 1e9, 1), "mfu": round(achieved / peak, 3)}
+    print(result, flush=True)
+    return result
+
+
+def write_digits_shards(folder: str, side: int = 128, shards: int = 4) -> str:
+    """The digits train split as webdataset shards: {key}.png (side x side, 8-bit grey) + .txt."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from lcm_jax.data import digits
+
+    images, labels = digits.load("train", side, 1)
+    pixels = np.round((images[..., 0] + 1) * 127.5).astype(np.uint8)
+    for shard, index in enumerate(np.array_split(np.arange(len(pixels)), shards)):
+        with tarfile.open(os.path.join(folder, f"{shard:05d}.tar"), "w") as tar:
+            for i in index:
+                png = io.BytesIO()
+                Image.fromarray(pixels[i]).save(png, format="PNG")
+                for ext, data in (("png", png.getvalue()), ("txt", f"digit {labels[i]}".encode())):
+                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return os.path.join(folder, "*.tar")
+
+
+def prefetch(rounds: int = 5, steps: int = 20) -> dict:
+    """Training steps/s on a webdataset of the digits (128^2 PNGs decoded and resized to 16^2, batch
+    64, configs/digits_diffusion.py's DiT, unconditional labels), reading in the loop
+    (data.prefetch=0) vs in a thread (data.prefetch=2). The loop is the training loop's: no block
+    per step, one at the end of each round; the two alternate round by round."""
+    import tempfile
+
+    import numpy as np
+
+    from configs import digits_diffusion
+    from lcm_jax import data, models, objectives, train
+
+    config = digits_diffusion.get_config()
+    with tempfile.TemporaryDirectory() as folder:
+        config.data = dict(name="webdataset", path=write_digits_shards(folder), image_size=16,
+                           channels=1, shuffle_buffer=256, random_flip=False)
+        objective = objectives.make_objective(config, models.make_model(config.model, 1), (16, 16, 1))
+        labels = np.full((config.batch_size,), 10, np.int32)  # the null class: no labels in the shards
+        sides = {}
+        for depth in (0, 2):
+            pipeline = data.make_pipeline(dict(config.data, prefetch=depth),
+                                          global_batch_size=config.batch_size, seed=0)
+            program = train.Program(config, objective, dict(train.peek(pipeline), label=labels))
+            sides[f"prefetch_{depth}"] = {"pipeline": pipeline, "program": program,
+                                          "state": program.init_fn(jax.random.PRNGKey(0))}
+
+        def run(side, n):
+            start = time.perf_counter()
+            for _ in range(n):
+                batch = dict(next(side["pipeline"]), label=labels)
+                side["state"], metrics = side["program"].step_fn(side["state"], side["program"].device_batch(batch))
+            jax.block_until_ready(metrics["loss"])
+            return time.perf_counter() - start
+
+        seconds = {name: [] for name in sides}
+        for side in sides.values():
+            run(side, 3)  # warm-up
+        for _ in range(rounds):
+            for name, side in sides.items():
+                seconds[name].append(run(side, steps))
+        decode = sides["prefetch_0"]["pipeline"]
+        start = time.perf_counter()
+        for _ in range(steps):
+            next(decode)
+        decode_ms = 1e3 * (time.perf_counter() - start) / steps
+        for side in sides.values():
+            side["pipeline"].close() if hasattr(side["pipeline"], "close") else None
+    result = {name: round(steps / float(np.median(s)), 2) for name, s in seconds.items()}
+    result = {"steps_per_s": result, "speedup": round(result["prefetch_2"] / result["prefetch_0"], 3),
+              "decode_ms_per_batch": round(decode_ms, 1), "batch": config.batch_size}
+    print(result, flush=True)
+    return result
+
+
 # XLA CPU options, given per program (`.compile(compiler_options=...)`, as XLA_FLAGS would set them)
 # so that every variant runs in one process, alternating with the others and with PyTorch.
 XLA_CPU_OPTIONS = {
@@ -311,22 +445,41 @@ def xla_flags(rounds: int = 7, steps: int = 5) -> dict:
     return results
 
 
-def lcd_memory(batch: int = 1) -> dict:
-    """Peak compiled memory of the SD 1.5 LCD step at 512^2: full vs LCM-LoRA (r = 64)."""
-    config = json.load(open(os.path.join(ROOT, "configs/models", "sd15_unet.json")))
-    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+MEMORY_CASES = {"sd15": ("sd15_unet.json", 512), "sdxl": ("sdxl_unet.json", 1024)}
+
+
+def lcd_memory(batch: int = 1, cases=("sd15", "sdxl")) -> dict:
+    """Peak compiled memory of the LCD step, full vs LCM-LoRA (r = 64, one base UNet), in float32
+    and in bfloat16 (the frozen teacher stored in bf16, `model.param_dtype`, and bf16 compute,
+    `model.dtype`; the trained params stay a float32 master): SD 1.5 at 512^2 and SDXL at
+    1024^2, remat, batch 1."""
+    from lcm_jax import train
+
     results = {}
-    for name, rank in (("full", 0), ("lora_r64", 64)):
-        objective = lcd_objective(config, 512, lora_rank=rank, remat=True, context=77)
-        frozen = jax.tree.map(spec, {"teacher": objective.teacher.params})
-        state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
-        b = jax.tree.map(spec, lcd_batch(batch, 64, 77, 768))
-        step = lambda s, bt, f: objective.train_step(s, bt, f)
-        results[name] = compiled_memory(step, state, b, frozen, donate_argnums=0)
-        results[name]["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
-        print(name, results[name], flush=True)
-    results["batch"] = batch
-    results["lora_over_full_peak"] = round(results["lora_r64"]["peak_gib"] / results["full"]["peak_gib"], 3)
+    for case in cases:
+        file, side = MEMORY_CASES[case]
+        config = json.load(open(os.path.join(ROOT, "configs/models", file)))
+        dim, pooled = config["cross_attention_dim"], _pooled_dim(config)
+        spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+        b = jax.tree.map(spec, lcd_batch(batch, side // 8, 77, dim, pooled=pooled))
+        for mode, rank in (("full", 0), ("lora_r64", 64)):
+            for param_dtype in ("float32", "bfloat16"):
+                objective = lcd_objective(config, side, lora_rank=rank, remat=True, context=77,
+                                          dtype=train.PARAM_DTYPES[param_dtype])
+                frozen = jax.eval_shape(lambda f: train.as_dtype(f, train.PARAM_DTYPES[param_dtype]),
+                                        {"teacher": objective.teacher.params})
+                state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
+                step = lambda s, bt, f: objective.train_step(s, bt, f)
+                name = f"{case}_{mode}_{param_dtype}"
+                results[name] = compiled_memory(step, state, b, frozen, donate_argnums=0)
+                results[name]["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
+                print(name, results[name], flush=True)
+        for param_dtype in ("float32", "bfloat16"):
+            peak = lambda mode: results[f"{case}_{mode}_{param_dtype}"]["peak_gib"]
+            results[f"{case}_lora_over_full_{param_dtype}"] = round(peak("lora_r64") / peak("full"), 3)
+        results[f"{case}_bfloat16_over_float32_full"] = round(
+            results[f"{case}_full_bfloat16"]["peak_gib"] / results[f"{case}_full_float32"]["peak_gib"], 3)
+    results.update(batch=batch, attention=attention.resolve("auto"))
     return results
 
 
@@ -560,7 +713,7 @@ def _compile_once(cache: str) -> float:
 
 SUITES = {"unet_memory": unet_memory, "lcd_step": lcd_step, "lcd_memory": lcd_memory,
           "lego_memory": lego_memory, "sampling": sampling, "compile": compile_time,
-          "lcd_breakdown": lcd_breakdown, "xla_flags": xla_flags}
+          "lcd_breakdown": lcd_breakdown, "xla_flags": xla_flags, "mfu": mfu, "prefetch": prefetch}
 
 
 def main():

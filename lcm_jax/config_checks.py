@@ -161,7 +161,10 @@ def _names(config):
     yield from _choice(config, "objective", OBJECTIVES, "objective")
     yield from _choice(config, "model.name", MODELS, "model")
     yield from _choice(config, "model.attention", attention.IMPLEMENTATIONS, "attention implementation")
+    for path in ("model.dtype", "model.param_dtype"):
+        yield from _choice(config, path, ("float32", "bfloat16"), "dtype")
     yield from _choice(config, "data.name", data.DATASETS, "dataset")
+    yield from _at_least(config, "data.prefetch", 0, fix="set it to the batches to read ahead, e.g. 2 (0: none)")
 
 
 def _mesh(config, device_count: int):

@@ -46,6 +46,23 @@ class TrainState:
     stats: Any = None  # running statistics an objective keeps beside the params, checkpointed
     # with them (Smooth Diffusion's mean variation); None for most objectives
 
+    @classmethod
+    def create(cls, params, tx, rng, stats=None) -> "TrainState":
+        """Step 0, the EMA at the params. The trained params are the float32 master copy whatever
+        the storage dtype of the frozen networks they may start from (`model.param_dtype`)."""
+        params = as_dtype(params, jnp.float32)
+        return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                   opt_state=tx.init(params), rng=rng, stats=stats)
+
+
+PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def as_dtype(tree, dtype):
+    """Every floating leaf of `tree` in `dtype` (integer leaves untouched)."""
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype else a
+    return jax.tree.map(cast, tree)
+
 
 # ==============================================================================================
 # Checkpoints
@@ -201,7 +218,10 @@ class Program:
         self.objective = objective
         self.prepare_batch = getattr(objective, "prepare_batch", lambda batch: batch)
         example_batch = self.prepare_batch(example_batch)
-        init, frozen = objective.init_state, objective.frozen
+        init = objective.init_state
+        # The networks the step reads but never trains, stored in model.param_dtype (bfloat16 halves
+        # them); the trained params stay a float32 master copy (TrainState.create).
+        frozen = as_dtype(objective.frozen, PARAM_DTYPES[config.model.get("param_dtype", "float32")])
         abstract_frozen = jax.eval_shape(lambda: frozen)
         self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0), abstract_frozen)
         if self.mode == "pmap":
@@ -335,6 +355,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
     finally:
         signal.signal(signal.SIGTERM, previous)
         writers.close()
+        getattr(pipeline, "close", lambda: None)()  # a Prefetch's thread
 
 
 def peek(pipeline) -> dict:

@@ -340,6 +340,55 @@ def test_webdataset_processes_read_disjoint_shards(tmp_path):
     assert all(len(h) == 10 for h in halves) and not halves[0] & halves[1]
 
 
+# ---------------------------------------------------------------- prefetch
+
+def test_prefetch_gives_the_same_batches_and_exact_positions(tmp_path):
+    """data.prefetch reads ahead in a thread but hands out, and resumes at, exactly the batches
+    and positions of the plain pipeline (across shards, epochs and skipped samples)."""
+    write_shards(tmp_path)
+    fields = dict(name="webdataset", path=f"{tmp_path}/*.tar", image_size=8, shuffle_buffer=5,
+                  random_flip=True)
+    plain = make_pipeline(config(**fields), global_batch_size=4, seed=0)
+    ahead = make_pipeline(config(**fields, prefetch=3), global_batch_size=4, seed=0)
+    assert type(ahead).__name__ == "Prefetch"
+    for _ in range(12):  # 48 samples: more than one epoch
+        assert_same_batches([next(ahead)], [next(plain)])
+        assert ahead.get_state() == plain.get_state()  # not the state of what was read ahead
+        assert ahead.num_skipped == plain.num_skipped
+    assert ahead.num_skipped >= 2
+    ahead.close()  # rewinds what the thread read ahead: the next batch is still the plain one's
+    assert_same_batches([next(ahead)], [next(plain)])
+    ahead.close()
+    assert_resume_exact(lambda: make_pipeline(config(**fields, prefetch=2), global_batch_size=4, seed=0),
+                        9, save_points=(0, 4, 8))
+
+
+def test_prefetch_raises_the_pipelines_errors_in_the_loop():
+    from lcm_jax.data.prefetch import Prefetch
+
+    class Failing:
+        num_skipped, step = 0, 0
+
+        def __next__(self):
+            self.step += 1
+            if self.step == 3:
+                raise OSError("shard 7 is unreadable")
+            return {"x": np.asarray([self.step])}
+
+        def get_state(self):
+            return {"step": self.step}
+
+        def set_state(self, state):
+            self.step = state["step"]
+
+    pipeline = Prefetch(Failing(), depth=2)
+    assert [int(next(pipeline)["x"][0]) for _ in range(2)] == [1, 2]
+    with pytest.raises(OSError, match="shard 7"):
+        next(pipeline)
+    with pytest.raises(ValueError, match="config.data.prefetch"):
+        Prefetch(Failing(), depth=-1)
+
+
 # ---------------------------------------------------------------- registry
 
 def test_unknown_dataset_name_lists_the_valid_ones():

@@ -242,3 +242,27 @@ def test_sdxl_unconditional_branch_is_zeros_with_the_same_time_ids():
     assert float(jnp.abs(u["encoder_hidden_states"]).max()) == 0
     assert float(jnp.abs(u["added_cond"]["text_embeds"]).max()) == 0
     np.testing.assert_array_equal(u["added_cond"]["time_ids"], c["added_cond"]["time_ids"])
+
+
+def test_bfloat16_storage_keeps_a_float32_master():
+    """model.param_dtype=bfloat16: the frozen teacher and VAE are stored in bf16, the trained
+    params (and their EMA and Adam moments) stay float32, and the step's loss is the fp32 one's
+    up to the teacher's rounding."""
+    from lcm_jax import train
+
+    losses = {}
+    for param_dtype in ("float32", "bfloat16"):
+        config = tiny_config()
+        config.model.param_dtype = param_dtype
+        config.batch_size = B
+        program = train.Program(config, LCDObjective(config, tiny_teacher(config)), batch())
+        state = program.init_fn(jax.random.PRNGKey(0))
+        frozen_dtypes = {x.dtype for x in jax.tree.leaves(program.frozen)}
+        assert frozen_dtypes == {jnp.dtype(param_dtype)}, frozen_dtypes
+        assert {x.dtype for x in jax.tree.leaves((state.params, state.ema_params, state.opt_state))
+                if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+        state, metrics = program.step_fn(state, program.device_batch(batch()))
+        assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+        losses[param_dtype] = float(metrics["loss"])
+    assert np.isfinite(losses["bfloat16"]) and losses["bfloat16"] != losses["float32"]
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)

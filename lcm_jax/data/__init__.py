@@ -19,8 +19,21 @@ def make_pipeline(data_config, *, global_batch_size: int, seed: int, process_ind
     `split` is the role: "train" draws random crops / flips when the config asks for them; any
     other split is read with center crops and no flips. For tfds the train role reads
     `config.data.split` (default "train"); other roles read the split named here. Folders and
-    shards have a single split.
+    shards have a single split. `data_config.prefetch` > 0 reads that many batches ahead in a
+    thread (prefetch.py), keeping the position exact.
     """
+    pipeline = _make(data_config, global_batch_size=global_batch_size, seed=seed,
+                     process_index=process_index, process_count=process_count, split=split)
+    depth = data_config.get("prefetch", 0)
+    if not depth:
+        return pipeline
+    from lcm_jax.data.prefetch import Prefetch
+
+    return Prefetch(pipeline, depth)
+
+
+def _make(data_config, *, global_batch_size: int, seed: int, process_index: int, process_count: int,
+          split: str):
     name = data_config.get("name", "digits")
     if name not in DATASETS:
         raise ValueError(f"config.data.name={name!r} is not a known dataset; "

@@ -32,8 +32,7 @@ class AutoencoderObjective:
     def init_state(self, rng, frozen=None) -> TrainState:
         init_rng, rng = jax.random.split(rng)
         params = self.module.init(init_rng, jnp.zeros((1,) + self.image_shape))["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=self.tx.init(params), rng=rng)
+        return TrainState.create(params, self.tx, rng)
 
     def loss(self, params, batch, rng, axis_name=None):
         x = batch["image"]

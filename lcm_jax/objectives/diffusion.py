@@ -46,8 +46,7 @@ class DiffusionObjective:
         init_rng, rng = jax.random.split(rng)
         x = jnp.zeros((1,) + self.image_shape)
         params = self.model.init(init_rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=self.tx.init(params), rng=rng)
+        return TrainState.create(params, self.tx, rng)
 
     def train_step(self, state: TrainState, batch, frozen=None, axis_name: str | None = None):
         step_rng = jax.random.fold_in(state.rng, state.step)

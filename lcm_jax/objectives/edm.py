@@ -68,8 +68,7 @@ class EDMObjective:
         x = jnp.zeros((1,) + self.image_shape)
         labels = jnp.zeros((1,), jnp.int32) if self.null_class else None
         params = self.model.init(init_rng, x, jnp.zeros((1,)), labels)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=self.tx.init(params), rng=rng)
+        return TrainState.create(params, self.tx, rng)
 
     def train_step(self, state: TrainState, batch, frozen=None, axis_name: str | None = None):
         step_rng = jax.random.fold_in(state.rng, state.step)

@@ -95,8 +95,7 @@ class LCDObjective:
                                self.lora.rank)
         else:
             params = self._student_from(init_rng, self.starting_point(frozen), frozen)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=self.tx.init(params), rng=rng)
+        return TrainState.create(params, self.tx, rng)
 
     def train_step(self, state: TrainState, batch, frozen, axis_name: str | None = None):
         rng = jax.random.fold_in(state.rng, state.step)

@@ -67,9 +67,7 @@ class SmoothObjective:
                                self.lora.get("targets", lora.ATTENTION_TARGETS), self.lora.rank)
         else:
             params = frozen["base"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                          opt_state=self.tx.init(params), rng=rng,
-                          stats={"variation_mean": jnp.zeros((), jnp.float32)})
+        return TrainState.create(params, self.tx, rng, stats={"variation_mean": jnp.zeros((), jnp.float32)})
 
     def train_step(self, state: TrainState, batch, frozen, axis_name: str | None = None):
         rng = jax.random.fold_in(state.rng, state.step)
