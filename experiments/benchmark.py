@@ -12,6 +12,8 @@ Suites:
                UNet2DConditionModel), same tiny UNet config, same batch, same CPU, one run.
   lcd_memory   XLA's compiled peak memory of the full LCD step vs the LCM-LoRA step (one base
                UNet) for SD 1.5 at 512^2 (abstract weights: nothing runs).
+  lcd_profile  the fused LCD step's time by HLO op category (attention, convolutions, norms, dense,
+               elementwise, optimizer; forward / backward) from XLA's profile (jax.profiler).
   mfu          achieved FLOP/s of the fused LCD step (XLA's cost-analysis FLOPs / median step time)
                over the dense matmul FLOP/s of this machine measured in the same run.
   prefetch     training steps/s on a webdataset of the digits, batches decoded in the loop vs in
@@ -305,6 +307,62 @@ def lcd_step(rounds: int = 7, steps: int = 5) -> dict:
     return result
 
 
+def _op_category(op_name: str) -> str:
+    """An HLO op's place in the LCD step, from the JAX source path XLA keeps in its metadata."""
+    import re
+
+    phase = "backward" if "transpose(" in op_name else "forward"
+    if "UNet2DConditionModel" not in op_name:
+        return "loss, clip, AdamW, EMA"
+    if re.search(r"/attn\d/", op_name):
+        kind = "attention (q k^T, softmax, p v)"
+    elif "conv_general_dilated" in op_name:
+        kind = "convolutions"
+    elif any("norm" in part for part in op_name.split("/")[:-1]):
+        kind = "GroupNorm / LayerNorm"
+    elif op_name.endswith("dot_general"):
+        kind = "dense layers"
+    else:
+        kind = "elementwise (SiLU, GEGLU, residuals, concat)"
+    return f"{phase}: {kind}"
+
+
+def lcd_profile(steps: int = 5) -> dict:
+    """Where the fused LCD step's time goes, from XLA's own profile: the step runs under
+    jax.profiler; each executed HLO op (thunk) is mapped to its JAX source path and summed by
+    category, ms per step. Ops run on both cores at once, so the sum can exceed the wall time."""
+    import collections
+    import glob
+    import gzip
+    import re
+    import tempfile
+
+    import numpy as np
+
+    step = jax_lcd_step(lcd_batch_for_step())
+    step(), step()
+    wall = _median_ms(step, 10)
+    metadata = {m.group(1): m.group(2) for m in re.finditer(
+        r'^\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name="([^"]+)"', step.compiled.as_text(), re.M)}
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True)
+        for _ in range(steps):
+            step()
+        jax.profiler.stop_trace()
+        trace = json.load(gzip.open(glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)[0]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    ms = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in metadata:
+            ms[_op_category(metadata[e["name"]])] += e["dur"] / 1e3 / steps
+    result = {"step_ms_median": wall, "ops_ms_sum": round(sum(ms.values()), 1),
+              "ms_per_step": {k: round(v, 1) for k, v in ms.most_common()},
+              "attention": attention.resolve("auto")}
+    for k, v in result["ms_per_step"].items():
+        print(f"{v:8.1f} ms  {k}", flush=True)
+    return result
+
+
 def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
     """Dense float32 [n, n] @ [n, n] FLOP/s: this machine's attainable peak for XLA."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n))
@@ -449,10 +507,11 @@ MEMORY_CASES = {"sd15": ("sd15_unet.json", 512), "sdxl": ("sdxl_unet.json", 1024
 
 
 def lcd_memory(batch: int = 1, cases=("sd15", "sdxl")) -> dict:
-    """Peak compiled memory of the LCD step, full vs LCM-LoRA (r = 64, one base UNet), in float32
-    and in bfloat16 (the frozen teacher stored in bf16, `model.param_dtype`, and bf16 compute,
-    `model.dtype`; the trained params stay a float32 master): SD 1.5 at 512^2 and SDXL at
-    1024^2, remat, batch 1."""
+    """Peak compiled memory of the LCD step, full vs LCM-LoRA (r = 64, one base UNet), with the
+    frozen teacher stored in float32 and in bfloat16 (`model.param_dtype`; the trained params
+    stay a float32 master): SD 1.5 at 512^2 and SDXL at 1024^2, fp32 compute, remat, batch 1.
+    (bf16 compute is left out: XLA's CPU backend computes bf16 convolutions through f32 copies,
+    so its CPU figure says nothing of a GPU's.)"""
     from lcm_jax import train
 
     results = {}
@@ -464,8 +523,7 @@ def lcd_memory(batch: int = 1, cases=("sd15", "sdxl")) -> dict:
         b = jax.tree.map(spec, lcd_batch(batch, side // 8, 77, dim, pooled=pooled))
         for mode, rank in (("full", 0), ("lora_r64", 64)):
             for param_dtype in ("float32", "bfloat16"):
-                objective = lcd_objective(config, side, lora_rank=rank, remat=True, context=77,
-                                          dtype=train.PARAM_DTYPES[param_dtype])
+                objective = lcd_objective(config, side, lora_rank=rank, remat=True, context=77)
                 frozen = jax.eval_shape(lambda f: train.as_dtype(f, train.PARAM_DTYPES[param_dtype]),
                                         {"teacher": objective.teacher.params})
                 state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
@@ -713,7 +771,8 @@ def _compile_once(cache: str) -> float:
 
 SUITES = {"unet_memory": unet_memory, "lcd_step": lcd_step, "lcd_memory": lcd_memory,
           "lego_memory": lego_memory, "sampling": sampling, "compile": compile_time,
-          "lcd_breakdown": lcd_breakdown, "xla_flags": xla_flags, "mfu": mfu, "prefetch": prefetch}
+          "lcd_breakdown": lcd_breakdown, "lcd_profile": lcd_profile, "xla_flags": xla_flags, "mfu": mfu,
+          "prefetch": prefetch}
 
 
 def main():
