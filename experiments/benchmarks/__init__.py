@@ -1,0 +1,1 @@
+"""The suites of experiments/benchmark.py, one module per kind."""
