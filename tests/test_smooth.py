@@ -1,5 +1,6 @@
 """Smooth Diffusion: the fused step's penalty equals the one computed from the explicit Jacobian,
 its gradient reaches the LoRA factors through the VJP, and the running mean survives a resume."""
+import dataclasses
 import os
 import shutil
 
@@ -46,13 +47,16 @@ def explicit_loss(objective, params, mean, batch, frozen, rng):
     z = objective.latents(batch, frozen, d["posterior_noise"])
     labels = jnp.where(d["drop"], objective.conditioning.null_class, batch["label"])
     net_params = objective.model_params(params, frozen)
+    # jacfwd is forward-mode: the chunked attention (a custom VJP, reverse mode only) is swapped
+    # for XLA's, the same math.
+    net = dataclasses.replace(objective.net, module=objective.net.module.clone(attention="xla"))
     alpha, sigma = objective.schedule.alpha_sigma(d["t"])
     shape, dim = z.shape[1:], int(np.prod(z.shape[1:]))
 
     def example(z, eps, probe, t, label, alpha, sigma):
         def x0_hat(eps_flat):
             x_t = alpha * z + sigma * eps_flat.reshape(shape)
-            eps_pred = objective.net.apply(net_params, x_t[None], t[None], label[None])[0]
+            eps_pred = net.apply(net_params, x_t[None], t[None], label[None])[0]
             return ((x_t - sigma * eps_pred) / alpha).ravel(), eps_pred
 
         jacobian, eps_pred = jax.jacfwd(x0_hat, has_aux=True)(eps.ravel())  # [D, D]

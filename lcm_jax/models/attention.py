@@ -10,6 +10,9 @@ Two implementations of softmax(q k^T / sqrt(D)) v, chosen by the models' `attent
            attention is O(chunk x S) instead of O(L x S) for the forward and the backward.
   auto     chunked on CPU, xla on GPU / TPU (whose programs it leaves unchanged).
 
+`chunked` defines its own VJP, so it supports reverse mode (grad, vjp) only: forward mode through
+a model (jax.jvp, jacfwd, e.g. continuous-time consistency training) needs attention="xla".
+
 On XLA's CPU backend `chunked` is also the faster one: autodiff's softmax backward there spends
 more time in the [B, H, L, S] reductions and relayouts than the recompute costs
 (`python experiments/benchmark.py --suite lcd_breakdown`).
