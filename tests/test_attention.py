@@ -50,6 +50,7 @@ def test_chunk_sizes_and_choices():
     assert attention._chunk_size(4096, 1024) == 1024
     assert attention._chunk_size(9216, 1024) == 1024  # SD 2.1 at 768^2: 96 x 96 tokens
     assert attention._chunk_size(77, 1024) == 77
+    assert attention._chunk_size(4099, 1024) == 4099  # prime: one chunk, not 4099 loop steps
     assert attention.resolve("auto") == ("chunked" if jax.default_backend() == "cpu" else "xla")
     with pytest.raises(ValueError, match="config.model.attention"):
         attention.resolve("flash")

@@ -45,8 +45,10 @@ def dot_product_attention(q, k, v, implementation: str = "auto", query_chunk: in
 
 
 def _chunk_size(length: int, most: int) -> int:
-    """The largest divisor of `length` that is <= `most` (4096 -> 1024, 9216 -> 1024, 77 -> 77)."""
-    return max(c for c in range(1, min(length, most) + 1) if length % c == 0)
+    """The largest divisor of `length` that is <= `most` (4096 -> 1024, 9216 -> 1024, 77 -> 77);
+    `length` itself (one chunk) when that divisor is too small to be worth a loop (a prime length)."""
+    best = max(c for c in range(1, min(length, most) + 1) if length % c == 0)
+    return best if best * 16 >= min(length, most) else length
 
 
 def _split(x, chunk: int):
