@@ -19,7 +19,7 @@ from lcm_jax import data, tracking
 from lcm_jax.data import webdataset
 from lcm_jax.diffusion import samplers, solvers
 from lcm_jax.diffusion import schedule as sched
-from lcm_jax.models import MODELS, attention, lego
+from lcm_jax.models import DTYPES, MODELS, attention, lego
 
 # The objectives registry: the names `config.objective` may take (one file each in objectives/).
 OBJECTIVES = ("diffusion", "lcd", "lcf", "tcd", "smooth", "edm")
@@ -162,7 +162,7 @@ def _names(config):
     yield from _choice(config, "model.name", MODELS, "model")
     yield from _choice(config, "model.attention", attention.IMPLEMENTATIONS, "attention implementation")
     for path in ("model.dtype", "model.param_dtype"):
-        yield from _choice(config, path, ("float32", "bfloat16"), "dtype")
+        yield from _choice(config, path, DTYPES, "dtype")
     yield from _choice(config, "data.name", data.DATASETS, "dataset")
     yield from _at_least(config, "data.prefetch", 0, fix="set it to the batches to read ahead, e.g. 2 (0: none)")
 

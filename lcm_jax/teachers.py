@@ -36,13 +36,11 @@ def w_embedding_dim(config) -> int:
 def from_pretrained(config) -> Teacher:
     """SD teacher from `config.model.pretrained` (a diffusers pipeline folder). The scheduler
     config gives the noise schedule; its prediction type must match config.diffusion's."""
-    import jax.numpy as jnp
-
     from lcm_jax.models import clip_text, convert, unet, vae
 
     folder = os.path.expanduser(config.model.pretrained)
     sub = lambda name: os.path.join(folder, name)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.get("dtype", "float32")]
+    dtype = models.DTYPES[config.model.get("dtype", "float32")]
     remat, attention = config.model.get("remat", False), config.model.get("attention", "auto")
     unet_module, unet_params = unet.from_pretrained(sub("unet"), dtype=dtype, remat=remat, attention=attention)
     vae_module, vae_params = vae.from_pretrained(sub("vae"), dtype=dtype)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import parallel, tracking
+from lcm_jax import models, parallel, tracking
 
 log = logging.getLogger("lcm_jax")
 
@@ -53,9 +53,6 @@ class TrainState:
         params = as_dtype(params, jnp.float32)
         return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                    opt_state=tx.init(params), rng=rng, stats=stats)
-
-
-PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def as_dtype(tree, dtype):
@@ -221,7 +218,7 @@ class Program:
         init = objective.init_state
         # The networks the step reads but never trains, stored in model.param_dtype (bfloat16 halves
         # them); the trained params stay a float32 master copy (TrainState.create).
-        frozen = as_dtype(objective.frozen, PARAM_DTYPES[config.model.get("param_dtype", "float32")])
+        frozen = as_dtype(objective.frozen, models.DTYPES[config.model.get("param_dtype", "float32")])
         abstract_frozen = jax.eval_shape(lambda: frozen)
         self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0), abstract_frozen)
         if self.mode == "pmap":

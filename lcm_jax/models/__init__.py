@@ -11,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
+
 MODELS = ("dit", "unet", "lego")
+# config.model.dtype (compute) and config.model.param_dtype (storage of the frozen networks)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +62,12 @@ def make_model(model_config, in_channels: int, time_cond_proj_dim: int | None = 
 
         return Denoiser(lego.from_config(model_config, in_channels, time_cond_proj_dim), "labels")
     if name == "unet":
-        import jax.numpy as jnp
-
         from lcm_jax.models import unet
 
         unet_config = dict(model_config.unet, in_channels=in_channels, out_channels=in_channels,
                            num_class_embeds=model_config.num_classes + 1,  # + the null class
                            time_cond_proj_dim=time_cond_proj_dim)
-        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[model_config.get("dtype", "float32")]
+        dtype = DTYPES[model_config.get("dtype", "float32")]
         return Denoiser(unet.from_config(unet_config, dtype=dtype, remat=model_config.get("remat", False),
                                          attention=model_config.get("attention", "auto")), "class_labels")
     raise ValueError(f"config.model.name={name!r} is not a known model; use one of {MODELS}.")

@@ -198,7 +198,6 @@ class DiT(nn.Module):
         return unpatchify(x, h, w, p).astype(jnp.float32)
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def from_config(model_config, in_channels: int, time_cond_proj_dim: int | None = None) -> DiT:
@@ -218,9 +217,11 @@ def from_config(model_config, in_channels: int, time_cond_proj_dim: int | None =
         raise ValueError(f"config.model.width={m.width} must be a multiple of 4 "
                          f"(the 2D sin-cos positions split it four ways).")
     dtype = m.get("dtype", "float32")
-    if dtype not in _DTYPES:
+    from lcm_jax.models import DTYPES
+
+    if dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={dtype!r}; use 'float32' or 'bfloat16'.")
     return DiT(patch_size=m.patch_size, width=m.width, depth=m.depth, num_heads=m.num_heads,
                mlp_ratio=m.get("mlp_ratio", 4.0), num_classes=m.get("num_classes", 0),
-               out_channels=in_channels, dtype=_DTYPES[dtype], remat=m.get("remat", False),
+               out_channels=in_channels, dtype=DTYPES[dtype], remat=m.get("remat", False),
                time_cond_proj_dim=time_cond_proj_dim, attention=m.get("attention", "auto"))

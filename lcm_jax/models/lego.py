@@ -211,7 +211,9 @@ def from_config(model_config, in_channels: int, time_cond_proj_dim: int | None =
     else:
         stack = tuple(tuple(int(v) for v in brick) for brick in m.stack)
     check_stack(stack)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")]
+    from lcm_jax.models import DTYPES
+
+    dtype = DTYPES[m.get("dtype", "float32")]
     return LEGO(stack=stack, num_classes=m.get("num_classes", 0), out_channels=in_channels,
                 mlp_ratio=m.get("mlp_ratio", 4.0), dtype=dtype, remat=m.get("remat", False),
                 time_cond_proj_dim=time_cond_proj_dim, attention=m.get("attention", "auto"))
