@@ -78,9 +78,21 @@ def _quiet_absl():
         absl_logging.set_verbosity(level)
 
 
+class CheckpointMismatch(ValueError):
+    """The run's state no longer has the saved structure (a changed width, LoRA rank, dtype, ...):
+    resuming would train a different model, so the run stops before anything is written."""
+
+
 class Checkpointer:
     """orbax CheckpointManager over {state, data}: atomic (written to a temporary directory and
-    renamed), keeps the newest `keep`, restores the newest one that reads back."""
+    renamed), asynchronous (the step loop goes on while the files are written), keeps the newest
+    `keep`, restores the newest one that reads back.
+
+    Restoring tells two failures apart. A checkpoint whose files cannot be read (truncated,
+    garbled) is moved aside to N.corrupt and the previous one is tried. A checkpoint that reads
+    back but whose leaves differ from the run's state (path, shape or dtype) raises
+    CheckpointMismatch before anything is renamed or written. A different mesh or device count is
+    neither: orbax reshards the saved arrays onto the target's shardings."""
 
     def __init__(self, directory: str, keep: int):
         import orbax.checkpoint as ocp
@@ -89,20 +101,52 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory), item_names=("state", "data"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=False))
+                                                 enable_async_checkpointing=True))
 
     def save(self, step: int, state, data_states: list) -> None:
+        """Starts writing step `step` (the arrays are copied off the devices first, so the
+        caller may donate `state` at once); `wait()` or the next save finishes it."""
         args = self.ocp.args.Composite(state=self.ocp.args.StandardSave(state),
                                        data=self.ocp.args.JsonSave({"processes": data_states}))
         with _quiet_absl():
             self.manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        with _quiet_absl():
             self.manager.wait_until_finished()
 
     def path(self, step: int) -> str:
         return os.path.join(str(self.manager.directory), str(step))
 
+    def check(self, abstract_state) -> None:
+        """Raises CheckpointMismatch if the newest readable checkpoint's leaves differ from
+        `abstract_state`'s; reads metadata only, renames and writes nothing."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            saved = self._saved_leaves(step)
+            if saved is None:
+                continue  # unreadable: restore() moves it aside and tries the previous one
+            differences = leaf_differences(saved, _leaves(abstract_state))
+            if differences:
+                raise CheckpointMismatch(
+                    f"{self.manager.directory} holds step {step} of a run whose state differs "
+                    f"from this config's in {len(differences)} leaves: {'; '.join(differences[:5])}"
+                    f"{'; ...' if len(differences) > 5 else ''}. Resume with the config it was "
+                    f"written with (see config.json beside it), or start a new run in another "
+                    f"--workdir.")
+            return
+
+    def _saved_leaves(self, step: int) -> dict | None:
+        try:
+            with _quiet_absl():
+                metadata = self.ocp.StandardCheckpointer().metadata(
+                    os.path.join(self.path(step), "state"))
+            return _leaves(metadata.item_metadata) or None  # orbax reads garbage as empty
+        except Exception:  # noqa: BLE001 -- unreadable metadata: a corrupt checkpoint
+            return None
+
     def restore(self, abstract_state):
-        """(state, data_states) from the newest readable checkpoint, or None if there is none."""
+        """(state, data_states) from the newest readable checkpoint, or None if there is none.
+        Call `check` first: a structure mismatch must stop the run, not count as corruption."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 with _quiet_absl():
@@ -123,6 +167,26 @@ class Checkpointer:
             path = self.path(step)
             os.replace(path, f"{path}.corrupt")
         self.manager.reload()
+
+
+def _leaves(tree) -> dict:
+    """{'params/blocks_0/attn/kernel': leaf} for a TrainState, its abstract shape or orbax's
+    metadata of it (dataclass fields, dict keys and sequence indices all become names)."""
+    tree = flax.serialization.to_state_dict(tree)
+    name = lambda key: str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+    return {"/".join(map(name, path)): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def leaf_differences(saved: dict, target: dict) -> list[str]:
+    """One line per leaf that is missing, new, or of another shape or dtype."""
+    describe = lambda a: f"{tuple(a.shape)} {np.dtype(a.dtype).name}"
+    lines = [f"{k} saved but not in this run" for k in sorted(saved.keys() - target.keys())]
+    lines += [f"{k} new in this run ({describe(target[k])})" for k in sorted(target.keys() - saved.keys())]
+    lines += [f"{k} saved {describe(saved[k])}, now {describe(target[k])}"
+              for k in sorted(saved.keys() & target.keys())
+              if describe(saved[k]) != describe(target[k])]
+    return lines
 
 
 def gather_data_states(state: dict) -> list:
@@ -210,7 +274,7 @@ class Program:
     """Builds the state and the step for config.parallel.mode, and moves batches and states
     between the host and the devices in the matching layout."""
 
-    def __init__(self, config, objective, example_batch: dict, devices=None):
+    def __init__(self, config, objective, example_batch: dict, devices=None, compile=True):
         self.mode = config.parallel.get("mode", "jit")
         self.objective = objective
         self.prepare_batch = getattr(objective, "prepare_batch", lambda batch: batch)
@@ -242,14 +306,21 @@ class Program:
                        for k, v in example_batch.items() if v.dtype.kind not in "USO"}
         shaped = lambda tree, shardings: jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-        state_shape = shaped(self.abstract_state, self.state_sharding)
-        # Ahead of time: shape and sharding errors surface here, before any data is read.
-        step = jax.jit(objective.train_step, donate_argnums=0,
+        self.restore_target = shaped(self.abstract_state, self.state_sharding)
+        self._step_inputs = (self.restore_target, batch_shape,
+                             shaped(abstract_frozen, frozen_sharding))
+        if compile:
+            self.compile()
+
+    def compile(self) -> None:
+        """Ahead of time (jit mode): shape and sharding errors surface here, before any data is
+        read. The loop calls it after the checkpoint check, which needs only the shapes."""
+        if self.mode == "pmap":
+            return
+        step = jax.jit(self.objective.train_step, donate_argnums=0,
                        out_shardings=(self.state_sharding, parallel.replicated(self.mesh))
-                       ).lower(state_shape, batch_shape, shaped(abstract_frozen, frozen_sharding)
-                               ).compile()
+                       ).lower(*self._step_inputs).compile()
         self.step_fn = lambda state, batch: step(state, batch, self.frozen)
-        self.restore_target = state_shape
 
     def device_batch(self, local_batch: dict):
         local_batch = self.prepare_batch(local_batch)
@@ -283,22 +354,21 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
     `config.eval.every_steps` when set, on the EMA params); `on_step(step)` is called
     after every step (tests use it to inject failures)."""
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:  # what export.py / evaluate.py rebuild the run from
-        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
     example = peek(pipeline)
-    program = Program(config, objective, example)
+    program = Program(config, objective, example, compile=False)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep)
+    checkpointer.check(program.checkpoint_target())  # a changed model stops here, untouched
 
     restored = checkpointer.restore(program.checkpoint_target())
+    start = 0 if restored is None else int(parallel.to_host(restored[0].step))
+    record_config(config, workdir, start)
+    program.compile()
     if restored is None:
         state = program.init_fn(jax.random.PRNGKey(config.seed))
     else:
         state, data_states = restored
         state = program.device_state(state)
         pipeline.set_state(data_states[jax.process_index()])
-    start = int(parallel.to_host(program.host_state(state).step))
     if start:
         log.info("Resumed from step %d in %s.", start, workdir)
 
@@ -350,9 +420,54 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
             writers.results(total, evaluate(final.ema_params, program.sample_frozen))
         return final
     finally:
+        checkpointer.wait()  # the last asynchronous save is on disk before the run returns
         signal.signal(signal.SIGTERM, previous)
         writers.close()
         getattr(pipeline, "close", lambda: None)()  # a Prefetch's thread
+
+
+def record_config(config, workdir: str, step: int) -> None:
+    """W/config.json is the config of the newest start (export.py and evaluate.py rebuild the
+    run from it). A start with other values keeps the previous one as W/config.<step>.json, the
+    step at which it stopped applying, and logs the changed fields."""
+    if jax.process_index() != 0:
+        return
+    path, text = os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+    if os.path.exists(path):
+        with open(path) as f:
+            old_text = f.read()
+        if old_text == text:
+            return
+        changes = config_changes(json.loads(old_text), json.loads(text))
+        log.warning("The config differs from the one this workdir last ran with (kept as "
+                    "config.%d.json): %s", step, "; ".join(changes) or "formatting only")
+        kept = os.path.join(workdir, f"config.{step}.json")
+        suffix = 1
+        while os.path.exists(kept):  # several restarts at one step: keep them all
+            kept, suffix = os.path.join(workdir, f"config.{step}.{suffix}.json"), suffix + 1
+        os.replace(path, kept)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """'field: old -> new' for every dotted field that differs between two config dicts."""
+    flat_old, flat_new = _flatten_any(old), _flatten_any(new)
+    show = lambda flat, k: repr(flat[k]) if k in flat else "(unset)"
+    return [f"{k}: {show(flat_old, k)} -> {show(flat_new, k)}"
+            for k in sorted(flat_old.keys() | flat_new.keys())
+            if k not in flat_old or k not in flat_new or flat_old[k] != flat_new[k]]
+
+
+def _flatten_any(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten_any(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
 
 
 def peek(pipeline) -> dict:

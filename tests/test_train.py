@@ -98,3 +98,62 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         train.run(config, str(tmp_path), objective, pipeline)
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert steps == [2]
+
+
+def snapshot(folder) -> dict:
+    """Every file under `folder` with its bytes: what a refused resume must leave untouched."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files
+
+
+@pytest.mark.parametrize("change, leaf", [
+    ("model.width=48", "params/blocks_0/attn/proj/kernel saved (32, 32) float32, now (48, 48)"),
+    ("model.depth=2", "params/blocks_1/attn/proj/kernel new in this run"),
+])
+def test_changed_model_refuses_to_resume_and_touches_nothing(uninterrupted, tmp_path, change, leaf):
+    workdir = tmp_path / "w"
+    shutil.copytree(uninterrupted, workdir)
+    before = snapshot(workdir)
+    proc = run_tiny(workdir, "--set", change, "total_steps=8", check=False)
+    assert proc.returncode != 0
+    assert "CheckpointMismatch" in proc.stderr and leaf in proc.stderr, proc.stderr[-3000:]
+    assert "--workdir" in proc.stderr  # the fix: another workdir, or the old config
+    assert snapshot(workdir) == before  # nothing renamed, nothing written, config.json kept
+
+
+def test_changed_schedule_resumes_and_keeps_the_old_config(uninterrupted, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(uninterrupted, workdir)
+    old_config = (workdir / "config.json").read_text()
+    proc = run_tiny(workdir, "--set", "total_steps=8")
+    assert "total_steps: 6 -> 8" in proc.stderr  # the changed fields, printed at start-up
+    assert (workdir / "config.6.json").read_text() == old_config  # the history is kept
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == 8
+    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [4, 6, 8]
+    run_tiny(workdir, "--set", "total_steps=8")  # the same config again: no new history file
+    assert sorted(p.name for p in workdir.glob("config*.json")) == ["config.6.json", "config.json"]
+
+
+def test_resume_across_device_counts(uninterrupted, tmp_path):
+    """orbax reshards: a checkpoint written on 8 devices (params FSDP-sharded 8 ways) resumes on
+    1, and one written on 1 resumes on 8. Different device counts reduce in another order, so
+    the final params match the 1-device run to float32 round-off, not bitwise."""
+    eight = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    sharded = ["--set", "parallel.fsdp=8", "parallel.data=1", "parallel.fsdp_min_size=0"]
+    ref = load_params(uninterrupted)
+    for name, first, then in (("8_to_1", eight, ENV), ("1_to_8", ENV, eight)):
+        workdir = tmp_path / name
+        for env, stop in ((first, ["--term-at", "4"]), (then, [])):  # SIGTERM saves step 4
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests/tiny_run.py"),
+                                   str(workdir), *stop, *(sharded if env is eight else [])],
+                                  env=env, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "parallel.fsdp" in proc.stderr  # the resume saw (and printed) the mesh change
+        ours = load_params(workdir)
+        for k in ref:  # a few hundred float32 ops per param: 1e-5 is ~100 ulps of O(1) values
+            np.testing.assert_allclose(ours[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=k)
