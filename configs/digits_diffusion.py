@@ -14,6 +14,8 @@ import ml_collections
 from lcm_jax import tracking
 
 
+VARIANTS = ("", "tiny")  # the arguments get_config takes (config_loading.known_fields reads each)
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0

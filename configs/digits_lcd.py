@@ -26,6 +26,8 @@ import ml_collections
 from configs import digits_diffusion
 
 
+VARIANTS = ("", "tiny")  # the arguments get_config takes (config_loading.known_fields reads each)
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = digits_diffusion.get_config()
     c.objective = "lcd"

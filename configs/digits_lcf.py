@@ -17,6 +17,8 @@ Short arguments: `configs/digits_lcf.py:tiny` is the seconds-long variant the te
 from configs import digits_lcd
 
 
+VARIANTS = ("", "tiny")  # the arguments get_config takes (config_loading.known_fields reads each)
+
 def get_config(arg: str = ""):
     c = digits_lcd.get_config("tiny" if arg == "tiny" else "")
     c.objective = "lcf"

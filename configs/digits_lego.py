@@ -30,6 +30,8 @@ STACKS = {  # (r, p, depth, width, num_heads), bottom brick first
 }
 
 
+VARIANTS = ("pg", "pr", "u", "dit", "pg,sub", "pr,sub", "pg,tiny")  # the arguments get_config takes (config_loading.known_fields reads each)
+
 def get_config(arg: str = "pg") -> ml_collections.ConfigDict:
     args = [a for a in arg.split(",") if a]
     model = [a for a in args if a in (*STACKS, "dit")]

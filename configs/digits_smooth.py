@@ -23,6 +23,8 @@ from lcm_jax.models.lora import ATTENTION_TARGETS
 DDIM = {"timestep_spacing": "trailing", "steps_offset": 0, "set_alpha_to_one": True}
 
 
+VARIANTS = ("", "tiny")  # the arguments get_config takes (config_loading.known_fields reads each)
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = digits_lcd.get_config("tiny" if arg == "tiny" else "")
     del c["lcd"]

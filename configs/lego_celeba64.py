@@ -12,6 +12,8 @@ Expected: the paper's Table 1 LEGO-S CelebA-64 FID (not in our references; compa
 from configs import _lego
 
 
+VARIANTS = ("pg", "pr")  # the arguments get_config takes (config_loading.known_fields reads each)
+
 def get_config(arg: str = "pg"):
     if arg not in ("pg", "pr"):
         raise ValueError(f"configs/lego_celeba64.py:{arg}: use 'pg' or 'pr'.")

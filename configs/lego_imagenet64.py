@@ -14,6 +14,8 @@ Expected (the paper, 8 A100s): FID-50k 2.16 (PG-L) / 2.29 (PR-L) after its full 
 from configs import _lego
 
 
+VARIANTS = ("pg", "pr", "pg,s", "pr,xl")  # the arguments get_config takes (config_loading.known_fields reads each)
+
 def get_config(arg: str = "pg"):
     args = arg.split(",")
     if args[0] not in ("pg", "pr") or not set(args[1:]) <= {"s", "l", "xl"}:

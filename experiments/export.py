@@ -24,6 +24,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from lcm_jax import config_loading  # noqa: E402
+
 TEXT_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 SCHEDULER_CLASS = {"lcd": "LCMScheduler", "lcf": "LCMScheduler", "tcd": "TCDScheduler"}
 # The fields an LCM / TCD scheduler takes from the teacher's scheduler config (its noise schedule).
@@ -35,13 +37,7 @@ def load_config(workdir: str, config_path: str | None = None):
     import ml_collections
 
     if config_path:  # "file.py[:arg]", as --config takes it in main.py
-        import importlib.util
-
-        path, _, arg = config_path.partition(":")
-        spec = importlib.util.spec_from_file_location("export_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config(arg) if arg else module.get_config()
+        return config_loading.load(config_path)
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: pass the run's config with --config "
@@ -107,7 +103,7 @@ def scheduler_config(config, teacher_folder: str | None) -> dict:
         with open(os.path.join(teacher_folder, "scheduler", "scheduler_config.json")) as f:
             teacher = {k: v for k, v in json.load(f).items() if k in SCHEDULE_FIELDS}
     else:
-        d = teachers.stage_config(config, "teacher_stage").diffusion if config.get("teacher_stage") \
+        d = config_loading.stage_config(config, "teacher_stage").diffusion if config.get("teacher_stage") \
             else config.diffusion
         teacher = {"num_train_timesteps": d.num_train_timesteps, "beta_start": d.beta_start,
                    "beta_end": d.beta_end, "beta_schedule": d.beta_schedule,
@@ -171,7 +167,7 @@ def export_digits(config, objective, params, out: str) -> None:
         params = lora.merge(teacher.params, params, settings.get("alpha", settings.rank))
     net = teacher.net if config.objective == "smooth" or settings else objective.student_net
     name = "smooth" if config.objective == "smooth" else "student"
-    export_network(teachers.stage_config(config, "teacher_stage").model, net, params,
+    export_network(config_loading.stage_config(config, "teacher_stage").model, net, params,
                    teacher.latent_shape, os.path.join(out, name), scheduler_config(config, None))
 
 

@@ -1,7 +1,9 @@
 r"""Train any objective from an ml_collections config.
 
   python experiments/main.py --config configs/digits_diffusion.py --workdir workdirs/digits \
-      [--config.total_steps=100 ...]
+      [--config.total_steps=100 --config.eval.steps="(1, 2)" ...]
+
+Every field takes `--config.FIELD=VALUE`, VALUE a Python literal (lcm_jax/config_loading.py).
 
 The workdir holds checkpoints (a rerun resumes from them), metrics.jsonl, TensorBoard files,
 W&B offline runs, sample grids and, for digits, results.json.
@@ -14,19 +16,30 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+from lcm_jax import config_loading, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("config", None, "Experiment config file, e.g. configs/digits_lcd.py[:tiny].")
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and results go here; reruns resume.")
 flags.mark_flags_as_required(["config", "workdir"])
+OVERRIDES: list[str] = []  # the --config.a.b=VALUE arguments (lcm_jax.config_loading)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    rest, overrides = config_loading.split_argv(argv)
+    OVERRIDES[:] = overrides
+    try:
+        return FLAGS(rest)
+    except flags.Error as e:
+        raise errors.UserError(f"{e} (see --helpfull)") from None
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    config, workdir = FLAGS.config, FLAGS.workdir
-    results = train_and_evaluate(config, workdir)
+    config = config_loading.load(FLAGS.config, OVERRIDES)
+    results = train_and_evaluate(config, FLAGS.workdir)
     if results:
         print(json.dumps(results, indent=2))
 
@@ -168,4 +181,4 @@ def _saving(evaluate, workdir):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.cli_main(lambda: app.run(main, flags_parser=parse_flags))

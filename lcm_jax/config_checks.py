@@ -4,8 +4,9 @@
 problem; each line names the field (`config.diffusion.prediction_type`), the bad value and the fix,
 so a researcher fixes them all in one go. It returns None when the config is good.
 
-Unknown sections and fields are allowed (future objectives add their own). The fields the train
-loop always reads are required (`REQUIRED`); every other check runs only when its field is set.
+A field that no config in configs/ has is a problem (a misspelling; the line names the nearest
+fields): a new objective adds its fields to its config there. The fields the train loop always
+reads are required (`REQUIRED`); every other check runs only when its field is set.
 Name lists come from the registries of the modules that own them.
 """
 from __future__ import annotations
@@ -15,10 +16,11 @@ import os
 
 import jax
 
-from lcm_jax import data, tracking
+from lcm_jax import config_loading, data, tracking
 from lcm_jax.data import webdataset
 from lcm_jax.diffusion import samplers, solvers
 from lcm_jax.diffusion import schedule as sched
+from lcm_jax.errors import UserError
 from lcm_jax.models import DTYPES, MODELS, attention, lego
 
 # The objectives registry: the names `config.objective` may take (one file each in objectives/).
@@ -36,7 +38,7 @@ REQUIRED_DDPM = ("diffusion.prediction_type", "diffusion.num_train_timesteps")  
 _MISSING = object()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot run; `problems` holds one line per problem."""
 
     def __init__(self, problems: list[str]):
@@ -58,15 +60,37 @@ def validate(config, *, device_count: int | None = None, process_count: int | No
     else:
         local_device_count = max(device_count // process_count, 1)
 
-    problems = [*_required(config), *_names(config),
-                *_batch_and_mesh(config, device_count, process_count, local_device_count),
-                *_image_size(config), *_diffusion(config), *_edm(config), *_lego(config),
-                *_optimizer(config),
-                *_consistency_distillation(config), *_smooth(config), *_samplers(config),
-                *_loop(config),
-                *_paths(config, process_count)]
+    counts = (device_count, process_count, local_device_count)
+    problems = [*config_loading.unknown_fields(config), *_run_problems(config, *counts)]
+    for section in config_loading.STAGES:  # the chain's earlier runs, by the same rules
+        if _get(config, section, None):
+            stage = config_loading.stage_config(config, section)
+            problems += [p for p in map(_in_stage(config, section), _run_problems(stage, *counts))
+                         if p not in problems]
     if problems:
         raise ConfigError(problems)
+
+
+def _run_problems(config, device_count: int, process_count: int, local_device_count: int):
+    return [*_required(config), *_names(config),
+            *_batch_and_mesh(config, device_count, process_count, local_device_count),
+            *_image_size(config), *_diffusion(config), *_edm(config), *_lego(config),
+            *_optimizer(config),
+            *_consistency_distillation(config), *_smooth(config), *_samplers(config),
+            *_loop(config),
+            *_paths(config, process_count)]
+
+
+def _in_stage(config, section: str):
+    """A stage's problem line, renamed to the field that set it: config.optimizer.lr of the VAE
+    stage is config.vae_stage.optimizer.lr when that section sets it (otherwise the top-level
+    field is at fault, and the line stays as it is, reported once)."""
+    def rename(problem: str) -> str:
+        field = problem.removeprefix("config.").split("=")[0].split(" ")[0]
+        if problem.startswith("config.") and field.split(".")[0] in config[section]:
+            return f"config.{section}.{problem.removeprefix('config.')}"
+        return problem
+    return rename
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,6 +486,16 @@ def _samplers(config):
             yield _bad(f"{section}.gamma", gamma, "must be in [0, 1] (TCD's stochasticity: 0 "
                        "deterministic, 1 ~ LCM)", "e.g. 0.3")
         yield from _choice(config, f"{section}.student_sampler", FEW_STEP_SAMPLERS, "few-step sampler")
+    # The counts a run reads only at its end (eval) or every few steps (sample): checked here,
+    # so a bad one never costs the training before it.
+    for path in ("sample.every_steps", "sample.num_images", "eval.num_samples", "eval.batch_size",
+                 "eval.teacher_steps", "eval.every_steps"):
+        if _present(_get(config, path, None)):
+            yield from _at_least(config, path, 1)
+    steps = _get(config, "eval.steps", None)
+    if _present(steps) and (not isinstance(steps, (list, tuple)) or not steps
+                            or not all(_is_int(s) and s >= 1 for s in steps)):
+        yield _bad("eval.steps", steps, "is not a list of step counts >= 1", "e.g. [1, 2, 4, 8]")
 
 
 def _loop(config):

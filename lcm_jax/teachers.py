@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lcm_jax import models, train
+from lcm_jax import config_loading, models, train
 from lcm_jax.data import digits
 from lcm_jax.diffusion import schedule as sched
 from lcm_jax.objectives import conditioning
@@ -90,14 +90,6 @@ def from_pretrained(config) -> Teacher:
 # The chained digits teacher
 # ==============================================================================================
 
-def stage_config(config, section: str) -> ml_collections.ConfigDict:
-    """A full run config for one stage: the parent's loop settings overridden by config.<section>."""
-    c = ml_collections.ConfigDict(config.to_dict())
-    for key, value in config[section].items():
-        c[key] = value
-    return c
-
-
 def _tracked(stage, workdir: str, job_type: str) -> ml_collections.ConfigDict:
     """The stage's W&B run joins the chain's group (the student's workdir), as `job_type`."""
     if "wandb" in stage:
@@ -130,7 +122,7 @@ def train_vae(config, workdir: str, images: np.ndarray):
 
     path, export = os.path.join(workdir, "vae"), os.path.join(workdir, "vae", "export")
     if not _done(path):
-        c = _tracked(stage_config(config, "vae_stage"), workdir, "vae")
+        c = _tracked(config_loading.stage_config(config, "vae_stage"), workdir, "vae")
         objective = AutoencoderObjective(c, images.shape[1:], images[:20])
         final = train.run(c, path, objective, _pipeline({"image": images}, c))
         params = jax.device_get(final.ema_params)
@@ -146,7 +138,7 @@ def train_teacher(config, workdir: str, latents: np.ndarray, labels: np.ndarray)
     """Stage 2: the class-conditional latent teacher (plain diffusion on the cached latents)."""
     from lcm_jax.objectives.diffusion import DiffusionObjective
 
-    c = _tracked(stage_config(config, "teacher_stage"), workdir, "teacher")
+    c = _tracked(config_loading.stage_config(config, "teacher_stage"), workdir, "teacher")
     net = models.make_model(c.model, latents.shape[-1])
     path = os.path.join(workdir, "teacher")
     weights = os.path.join(path, "ema_params.msgpack")
@@ -195,7 +187,7 @@ def distilled_from_chained(config, workdir: str) -> Teacher:
                          f"with --workdir {workdir} first, or point config.lcf.lcm_workdir at "
                          f"the workdir of a finished digits LCD run.")
     vae_module, vae_params = vae_lib.from_pretrained(os.path.join(workdir, "vae", "export"))
-    c = stage_config(config, "teacher_stage")
+    c = config_loading.stage_config(config, "teacher_stage")
     side = config.data.image_size // vae_module.config.factor
     latent_shape = (side, side, vae_module.config.latent_channels)
     net = models.make_model(c.model, latent_shape[-1], w_embedding_dim(config))

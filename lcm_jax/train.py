@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm_jax import models, parallel, tracking
+from lcm_jax.errors import UserError
 
 log = logging.getLogger("lcm_jax")
 
@@ -78,7 +79,7 @@ def _quiet_absl():
         absl_logging.set_verbosity(level)
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
     """The run's state no longer has the saved structure (a changed width, LoRA rank, dtype, ...):
     resuming would train a different model, so the run stops before anything is written."""
 

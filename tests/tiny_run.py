@@ -4,7 +4,6 @@
 Prints one JSON line with the final params' checksum-free fingerprint path (params saved as .npz).
 """
 import argparse
-import importlib.util
 import os
 import signal
 import sys
@@ -14,18 +13,10 @@ sys.path.insert(0, ROOT)
 
 
 def tiny_config(overrides=()):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs/digits_diffusion.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    for item in overrides:
-        key, value = item.split("=", 1)
-        *path, leaf = key.split(".")
-        node = config
-        for p in path:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
-    return config
+    """configs/digits_diffusion.py:tiny with 'field=VALUE' overrides (main.py's --config.field=VALUE)."""
+    from lcm_jax import config_loading
+
+    return config_loading.load(os.path.join(ROOT, "configs/digits_diffusion.py:tiny"), overrides)
 
 
 def build(config):
