@@ -107,7 +107,7 @@ class MidAttention(nn.Module):
         hid = group_norm(self.groups, EPS, "group_norm")(x).astype(self.dtype)
         hid = hid.reshape(b, h * w, 1, c)  # [batch, tokens, 1 head, channels]
         q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(hid) for n in ("to_q", "to_k", "to_v"))
-        out = dot_product_attention(q, k, v).reshape(b, h * w, c)  # "auto": chunked on CPU only
+        out = dot_product_attention(q, k, v).reshape(b, h * w, c)  # "auto" (attention.py)
         return x + nn.Dense(c, dtype=self.dtype, name="to_out_0")(out).reshape(b, h, w, c)
 
 
