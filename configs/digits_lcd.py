@@ -96,8 +96,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.sample.update(every_steps=4, num_steps=2, num_images=4)
         c.eval.update(steps=[1], teacher_steps=2, num_samples=20, batch_size=20)
         c.vae_stage.update(total_steps=2, batch_size=16)
+        c.vae_stage.optimizer.warmup_steps = 1
         c.vae_stage.vae.update(block_out_channels=[8, 16], norm_num_groups=4)
         c.teacher_stage.update(total_steps=2, batch_size=16)
+        c.teacher_stage.optimizer.warmup_steps = 1
         c.wandb.mode = "disabled"
     elif arg:
         raise ValueError(f"Unknown config argument {arg!r}; use '' or 'tiny'.")

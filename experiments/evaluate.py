@@ -13,7 +13,6 @@ r"""A run's model sampled at 1 / 2 / 4 / 8 steps and scored as the LCM paper's t
 The sampler is the run's (LCM, or TCD for TCD runs). Writes W/evaluation.json and prints the table.
 Batches are sharded over the local devices along the batch axis.
 """
-import argparse
 import json
 import os
 import sys
@@ -22,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import export  # noqa: E402
+
+from lcm_jax import cli_args, errors  # noqa: E402
 
 
 def _sharded(x):
@@ -36,7 +37,7 @@ def _sharded(x):
 
 def _require(path: str | None, flag: str, what: str) -> str:
     if path and not os.path.exists(os.path.expanduser(path)):
-        raise FileNotFoundError(f"--{flag} {path} does not exist: {what}")
+        raise errors.UserError(f"--{flag} {path} does not exist: {what}")
     return path and os.path.expanduser(path)
 
 
@@ -121,11 +122,11 @@ def evaluate(workdir, steps=(1, 2, 4, 8), num=None, weights="ema", prompts_file=
                          "6726825d.pth with `python -m lcm_jax.eval.inception convert`.")
     ref_stats = _require(ref_stats, "ref_stats", "an .npz with mu and sigma of the reference set.")
     if bool(inception) != bool(ref_stats):
-        raise ValueError("FID needs both --inception and --ref_stats.")
+        raise errors.UserError("FID needs both --inception and --ref_stats.")
     pretrained = config.model.get("pretrained")
     if pretrained:
         if not prompts_file:
-            raise ValueError("An SD run is evaluated on prompts: give --prompts FILE (one per line).")
+            raise errors.UserError("An SD run is evaluated on prompts: give --prompts FILE (one per line).")
         with open(_require(prompts_file, "prompts", "a text file, one prompt per line.")) as f:
             prompts = [line.strip() for line in f if line.strip()]
     objective = export.build_objective(config, workdir)
@@ -157,22 +158,23 @@ def format_table(table: dict) -> str:
 
 
 def main_cli():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--steps", default="1,2,4,8")
-    p.add_argument("--num", type=int, default=None, help="images per step count (default config.eval)")
-    p.add_argument("--batch_size", type=int, default=None)
+    p = cli_args.Parser(description=__doc__)
+    p.add_argument("--workdir", required=True, type=cli_args.existing_dir)
+    p.add_argument("--steps", type=cli_args.step_list, default="1,2,4,8")
+    p.add_argument("--num", type=cli_args.at_least(1), default=None,
+                   help="images per step count (default config.eval)")
+    p.add_argument("--batch_size", type=cli_args.at_least(1), default=None)
     p.add_argument("--weights", choices=("ema", "online"), default="ema")
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--prompts", default=None)
-    p.add_argument("--clip", default=None)
-    p.add_argument("--inception", default=None)
-    p.add_argument("--ref_stats", default=None)
+    p.add_argument("--guidance", type=cli_args.real(0), default=None)
+    p.add_argument("--prompts", type=cli_args.existing_file, default=None)
+    p.add_argument("--clip", type=cli_args.existing_dir, default=None)
+    p.add_argument("--inception", type=cli_args.existing_file, default=None)
+    p.add_argument("--ref_stats", type=cli_args.existing_file, default=None)
     a = p.parse_args()
-    result = evaluate(a.workdir, [int(s) for s in a.steps.split(",")], a.num, a.weights, a.prompts,
+    result = evaluate(a.workdir, a.steps, a.num, a.weights, a.prompts,
                       a.clip, a.inception, a.ref_stats, a.guidance, a.batch_size)
     print(format_table(result["table"]))
 
 
 if __name__ == "__main__":
-    main_cli()
+    errors.cli_main(main_cli)

@@ -15,7 +15,6 @@ The run's config is W/config.json (every run writes it), or --config for an olde
   UNet (class labels through `class_labels`, the null class = num_classes), else lcm_jax's
   params.msgpack + model.json (diffusers has no DiT with a time_cond_proj input).
 """
-import argparse
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lcm_jax import config_loading  # noqa: E402
+from lcm_jax import cli_args, config_loading, errors  # noqa: E402
 
 TEXT_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 SCHEDULER_CLASS = {"lcd": "LCMScheduler", "lcf": "LCMScheduler", "tcd": "TCDScheduler"}
@@ -40,7 +39,7 @@ def load_config(workdir: str, config_path: str | None = None):
         return config_loading.load(config_path)
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: pass the run's config with --config "
+        raise errors.UserError(f"{path} does not exist: pass the run's config with --config "
                                 "(workdirs written before config.json was saved do not have it).")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
@@ -54,7 +53,7 @@ def build_objective(config, workdir: str):
     from lcm_jax import data
 
     if config.objective not in ("lcd", "tcd", "lcf", "smooth"):
-        raise ValueError(f"objective={config.objective!r}: export covers the distilled and fine-tuned "
+        raise errors.UserError(f"objective={config.objective!r}: export covers the distilled and fine-tuned "
                          "models (lcd, tcd, lcf, smooth); a plain digits model has no diffusers form.")
     pipeline = None
     if not config.model.get("pretrained"):
@@ -62,7 +61,7 @@ def build_objective(config, workdir: str):
             config.lcf.lcm_workdir if config.objective == "lcf" else workdir
         missing = [s for s in ("vae", "teacher") if not os.path.exists(os.path.join(chain, s, "DONE"))]
         if missing and config.objective != "lcf":
-            raise FileNotFoundError(f"{chain} has no finished {' / '.join(missing)} stage: finish the run "
+            raise errors.UserError(f"{chain} has no finished {' / '.join(missing)} stage: finish the run "
                                     "(rerun the same command) before exporting.")
         pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count())
@@ -79,7 +78,7 @@ def restore_params(config, workdir: str, objective, weights: str):
     abstract = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
     restored = train.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep).restore(abstract)
     if restored is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint to export.")
+        raise errors.UserError(f"{workdir}/checkpoints holds no checkpoint to export.")
     state = restored[0]
     return (state.ema_params if weights == "ema" else state.params), int(state.step)
 
@@ -96,7 +95,7 @@ def scheduler_config(config, teacher_folder: str | None) -> dict:
 
     lcd = config.get("lcd") or {}
     if lcd.get("sigma_data", 0.5) != 0.5:
-        raise ValueError(f"config.lcd.sigma_data={lcd.sigma_data}: diffusers' LCM / TCD schedulers fix "
+        raise errors.UserError(f"config.lcd.sigma_data={lcd.sigma_data}: diffusers' LCM / TCD schedulers fix "
                          "sigma_data at 0.5, so this student would sample differently there.")
     teacher = {}
     if teacher_folder:
@@ -201,7 +200,7 @@ def export(workdir: str, out: str, weights: str = "ema", config=None) -> dict:
         kind = "lora"
     elif pretrained:
         if config.objective == "smooth":
-            raise ValueError("A full (non-LoRA) Smooth Diffusion run on an SD folder: export the UNet "
+            raise errors.UserError("A full (non-LoRA) Smooth Diffusion run on an SD folder: export the UNet "
                              "with lcm_jax.models.unet.save_pretrained into a copy of the folder.")
         export_sd_pipeline(config, params, out)
         kind = "pipeline"
@@ -216,9 +215,9 @@ def export(workdir: str, out: str, weights: str = "ema", config=None) -> dict:
 
 
 def main_cli():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--out", required=True)
+    p = cli_args.Parser(description=__doc__)
+    p.add_argument("--workdir", required=True, type=cli_args.existing_dir)
+    p.add_argument("--out", required=True, type=cli_args.output_dir)
     p.add_argument("--weights", choices=("ema", "online"), default="ema",
                    help="the EMA (target) network or the online one")
     p.add_argument("--config", default=None, help="CFG.py[:arg] when W/config.json is absent")
@@ -228,4 +227,4 @@ def main_cli():
 
 
 if __name__ == "__main__":
-    main_cli()
+    errors.cli_main(main_cli)

@@ -3,29 +3,29 @@ r"""Text -> image from a local diffusers Stable Diffusion folder.
   python experiments/sample.py --model PATH --prompt "a photo of a cat" --sampler lcm \
       --steps 4 --guidance 8 --seed 0 --num 4 --out samples/
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lcm_jax import cli_args, errors  # noqa: E402
 from lcm_jax.pipeline import SAMPLERS, StableDiffusion  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a diffusers pipeline folder")
+    p = cli_args.Parser(description=__doc__)
+    p.add_argument("--model", required=True, type=cli_args.existing_dir, help="a diffusers pipeline folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default=None)
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--gamma", type=float, default=0.3, help="TCD's stochasticity")
+    p.add_argument("--steps", type=cli_args.at_least(1), default=50)
+    p.add_argument("--guidance", type=cli_args.real(0), default=7.5)
+    p.add_argument("--gamma", type=cli_args.real(0, 1), default=0.3, help="TCD's stochasticity")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num", type=int, default=1)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--out", default="samples")
+    p.add_argument("--num", type=cli_args.at_least(1), default=1)
+    p.add_argument("--height", type=cli_args.at_least(8), default=None)
+    p.add_argument("--width", type=cli_args.at_least(8), default=None)
+    p.add_argument("--out", type=cli_args.output_dir, default="samples")
     a = p.parse_args()
     pipe = StableDiffusion.from_pretrained(a.model)
     images = pipe(a.prompt, negative_prompt=a.negative, sampler=a.sampler, num_inference_steps=a.steps,
@@ -39,4 +39,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    errors.cli_main(main)

@@ -43,8 +43,9 @@ class ConfigError(UserError):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        super().__init__(f"The config has {count}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(problems[0] if len(problems) == 1 else
+                         f"The config has {len(problems)} problems:\n" +
+                         "\n".join(f"  - {p}" for p in problems))
 
 
 def validate(config, *, device_count: int | None = None, process_count: int | None = None) -> None:

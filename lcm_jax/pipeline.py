@@ -105,14 +105,14 @@ class StableDiffusion:
     def from_pretrained(cls, folder: str, *, dtype=jnp.float32) -> "StableDiffusion":
         index_path = os.path.join(folder, "model_index.json")
         if not os.path.exists(index_path):
-            raise FileNotFoundError(f"{folder} has no model_index.json; give a diffusers Stable "
+            raise convert.MissingFile(f"{folder} has no model_index.json; give a diffusers Stable "
                                     "Diffusion pipeline folder (unet/, vae/, text_encoder/, ...).")
         with open(index_path) as f:
             index = json.load(f)
         sub = lambda name: os.path.join(folder, name)
         names = ["text_encoder"] + (["text_encoder_2"] if index.get("text_encoder_2") else [])
         if not index.get("text_encoder") or not os.path.isdir(sub("text_encoder")):
-            raise ValueError(f"{folder} has no text_encoder (an SDXL refiner?): only text-to-image "
+            raise convert.ConversionError(f"{folder} has no text_encoder (an SDXL refiner?): only text-to-image "
                              "pipelines with their text encoder(s) are supported.")
         encoders = [clip_text.from_pretrained(sub(n), dtype=dtype) for n in names]
         tokenizers = [clip_text.load_tokenizer(sub(n.replace("text_encoder", "tokenizer")))

@@ -34,6 +34,21 @@ def write_tiny_tokenizer(folder, model_max_length=None) -> int:
     return len(tokens)
 
 
+F32_EPS = 2.0 ** -23  # float32 machine epsilon: one ulp at 1.0
+
+
+def f32_tol(ulps: float, *refs, floor: float = 1.0) -> float:
+    """`ulps` float32 ulps at the scale of `refs` (their largest |value|, at least `floor`): an
+    absolute tolerance between two separately compiled computations of the same float32 values
+    (jit vs eager, another batch size or batch row, a remat'd graph, JAX vs torch). Each program
+    fuses and orders its sums its own way (and XLA's CPU kernels follow the host's vector width),
+    so they agree to some ulps per accumulated operation at the values' magnitude, not bit for
+    bit. The same program run twice on the same inputs is bit-exact: test that with equality."""
+    import numpy as np
+
+    return ulps * F32_EPS * max([floor] + [float(np.max(np.abs(np.asarray(r)))) for r in refs])
+
+
 def fast_compile(f, *args):
     """Compile at XLA's lowest backend optimisation and run: tests that check values, not speed."""
     import jax

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import f32_tol
 from lcm_jax.diffusion import edm
 
 torch = pytest.importorskip("torch")
@@ -83,7 +84,10 @@ def test_heun_matches_the_algorithm_and_splits_exactly():
     out = jax.jit(lambda x: edm.heun(denoise, x, sigmas))(x)
     np.testing.assert_allclose(out, ref, atol=1e-4)
     split = edm.heun(denoise, edm.heun(denoise, x, sigmas[:4]), sigmas[3:])
-    np.testing.assert_allclose(split, out, atol=1e-5)
+    # Eager vs jit: XLA may fuse x + (s' - s) d into an FMA in one and not the other. Each step
+    # damps the earlier rounding by s' / s, so what is left is the last steps' few ulps of
+    # the output's scale (64 allowed); a wrong split point is off by O(1).
+    np.testing.assert_allclose(split, out, rtol=0, atol=f32_tol(64, out))
     # A point mass: D = x0 everywhere lands on x0 exactly, from any start.
     np.testing.assert_allclose(edm.heun(lambda x, s: jnp.broadcast_to(a, x.shape), x, sigmas),
                                np.broadcast_to(a, x.shape), atol=1e-5)

@@ -87,7 +87,7 @@ def test_lcm_lora_exports_what_load_lora_weights_takes(folder, tmp_path, monkeyp
 
 
 def test_export_refuses_what_it_cannot_read(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json does not exist.*--config"):
+    with pytest.raises(ValueError, match="config.json does not exist.*--config"):
         export.export(str(tmp_path), str(tmp_path / "out"))
 
 
@@ -104,7 +104,7 @@ def test_evaluate_scores_an_sd_run_with_clip(folder, tmp_path, clip):
     score = result["table"]["lcm"]["1"]["clip_score"]
     assert 0 <= score <= 100 and result["step"] == 3
     assert json.load(open(tmp_path / "run" / "evaluation.json")) == result
-    with pytest.raises(FileNotFoundError, match="--inception .* convert pytorch-fid"):
+    with pytest.raises(ValueError, match="--inception .* convert pytorch-fid"):
         evaluate.evaluate(str(tmp_path / "run"), inception=str(tmp_path / "none.safetensors"))
     with pytest.raises(ValueError, match="--prompts"):
         evaluate.evaluate(str(tmp_path / "run"), clip=clip_folder)

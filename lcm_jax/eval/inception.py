@@ -274,10 +274,8 @@ class InceptionFeatures:
                              f"lcm_jax.eval.inception convert {path} inception.safetensors`.")
         if not os.path.exists(path):
             raise _missing_weights(path)
-        from safetensors.numpy import load_file
-
         try:
-            params = params_from_state_dict(load_file(path))
+            params = params_from_state_dict(convert.load_weights(path))
         except convert.ConversionError as e:
             raise convert.ConversionError(f"{path}: {e}") from None
         return cls(jax.tree.map(jnp.asarray, params), batch_size)

@@ -18,6 +18,8 @@ from typing import Mapping
 
 import numpy as np
 
+from lcm_jax.errors import UserError
+
 # Torch module-list attributes: their numeric children are list positions, not names.
 LIST_NAMES = {"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
               "downsamplers", "upsamplers", "to_out", "net", "layers", "blocks"}
@@ -25,7 +27,7 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that does not fit the module: every problem, one per line."""
 
 
@@ -137,23 +139,41 @@ def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
 # Folders
 # ----------------------------------------------------------------------------------------------
 
+class MissingFile(UserError, FileNotFoundError):
+    """A model folder or one of its files is not where the config says."""
+
+
 def read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder} does not exist; point it at a local diffusers / "
+        raise MissingFile(f"{folder} does not exist; point it at a local diffusers / "
                                 "transformers model folder (weights cannot be downloaded here).")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{folder} has no config.json; give the component folder (e.g. "
+        raise MissingFile(f"{folder} has no config.json; give the component folder (e.g. "
                                 "PIPELINE/unet), not the pipeline root or a weights file.")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); it is truncated or corrupt: copy the "
+                        f"model folder again from its source.") from None
+
+
+def load_weights(path: str) -> dict[str, np.ndarray]:
+    """One safetensors file; a truncated or garbled one is named, with the fix."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); copy it again "
+                        f"from its source.") from None
 
 
 def load_state_dict(folder: str, variant: str | None = None) -> dict[str, np.ndarray]:
     """All tensors of a component folder: one safetensors file, an fp16/other variant, or shards
     listed in a `*.safetensors.index.json`. Pickle checkpoints are refused."""
-    from safetensors.numpy import load_file
-
     files = os.listdir(folder)
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
     for stem in WEIGHT_NAMES:
@@ -163,10 +183,10 @@ def load_state_dict(folder: str, variant: str | None = None) -> dict[str, np.nda
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             state = {}
             for shard in shards:
-                state.update(load_file(os.path.join(folder, shard)))
+                state.update(load_weights(os.path.join(folder, shard)))
             return state
         if f"{stem}{suffix}" in files:
-            return load_file(os.path.join(folder, f"{stem}{suffix}"))
+            return load_weights(os.path.join(folder, f"{stem}{suffix}"))
     pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise ConversionError(
@@ -174,7 +194,7 @@ def load_state_dict(folder: str, variant: str | None = None) -> dict[str, np.nda
             "does not load (unpickling can run arbitrary code). Convert once with PyTorch: "
             "`Model.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)`.")
     wanted = f"{WEIGHT_NAMES[0]}{suffix} or {WEIGHT_NAMES[1]}{suffix}"
-    raise FileNotFoundError(f"{folder} has no {wanted}" + (
+    raise MissingFile(f"{folder} has no {wanted}" + (
         f"; variants present: {sorted(f for f in files if f.endswith('.safetensors'))}"
         if any(f.endswith(".safetensors") for f in files) else "."))
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax.errors import UserError
 from lcm_jax.models import convert
 
 # The LCM-LoRA set (latent-consistency/lcm-lora-sdv1-5's adapter config).
@@ -195,13 +196,17 @@ def save(folder: str, lora: Mapping, alpha: float, prefix: str = "unet") -> str:
 def load(path: str, prefix: str = "unet") -> tuple[dict, float]:
     """(factors, alpha) from a pytorch_lora_weights.safetensors that `save` wrote (or any peft
     state dict with the same module names and lora_adapter_metadata), in our layout."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if os.path.isdir(path):
         path = os.path.join(path, WEIGHTS_NAME)
-    with safe_open(path, "np") as f:
-        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
-        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+    try:
+        with safe_open(path, "np") as f:
+            metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix + ".")}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is missing, truncated or corrupt ({type(e).__name__}: {e}); "
+                        f"copy it again from its source.") from None
     if not state or f"{prefix}.lora_alpha" not in metadata:
         raise ValueError(f"{path} holds no '{prefix}.' LoRA factors with lora_adapter_metadata; "
                          "lcm_jax loads the peft layout that lora.save / diffusers' "
