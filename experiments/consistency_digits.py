@@ -17,9 +17,9 @@ DDIM-50 instead. Results go to OUT/results.json (finished runs are skipped on a 
 as markdown tables.
 """
 import argparse
-import ast
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,33 +28,26 @@ STEPS = (1, 2, 4, 8)
 
 
 def parse_run(text: str):
+    """'NAME:field=VALUE,field=VALUE' -> (NAME, ['field=VALUE', ...]); VALUEs as --config.FIELD=VALUE
+    takes them (Python literals; a comma splits only before the next 'field=')."""
     name, _, sets = text.partition(":")
-    overrides = {}
-    for item in filter(None, sets.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
-    return name, overrides
+    return name, [item for item in re.split(r",(?=[A-Za-z_][\w.]*=)", sets) if item]
 
 
-def run_config(overrides: dict, steps: int, arg: str = ""):
-    """configs/digits_lcd.py (`arg` 'tiny' for tests) with dotted `overrides`, for `steps` steps."""
+def run_config(overrides, steps: int, arg: str = ""):
+    """configs/digits_lcd.py (`arg` 'tiny' for tests) for `steps` steps with `overrides`: a list
+    of 'field=VALUE' or a {field: value} dict, checked as main.py checks --config.FIELD=VALUE."""
     from configs import digits_lcd
+    from lcm_jax import config_loading
 
     config = digits_lcd.get_config(arg)
     config.total_steps = steps
     config.checkpoint.update(every_steps=steps, keep=1)
     config.sample.every_steps = steps
     config.wandb.mode = "disabled"
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={v!r}" for k, v in overrides.items()]
+    return config_loading.apply(config, overrides)
 
 
 def load_chain(workdir: str):

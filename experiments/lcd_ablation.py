@@ -2,15 +2,15 @@ r"""Skip-step ablation (LCM paper, Fig. 3): skip k x solver, FD-digits of the di
 
   python experiments/lcd_ablation.py --teacher_workdir workdirs/digits_lcd --out workdirs/lcd_ablation \
       [--steps 300] [--ks 1,5,10,20,50] [--solvers ddim,dpm_solver,dpm_solver_pp] \
-      [--set lcd.w_min=0.5,lcd.w_max=2.5,eval.guidance_scale=2.5]
+      [--config.lcd.w_min=0.5 --config.lcd.w_max=2.5 --config.eval.guidance_scale=2.5]
 
 Reuses the VAE and latent teacher of a finished configs/digits_lcd.py run (W/vae, W/teacher; they
 are trained first if missing), then distils one student per cell for the same number of steps
 (k = T / num_ddim_timesteps: k = 1 is N = 1000 grid points, k = 50 is N = 20) and scores LCM
-sampling at 2 and 4 steps (500 samples, FD-digits and accuracy) at eval.guidance_scale. `--set`
+sampling at 2 and 4 steps (500 samples, FD-digits and accuracy) at eval.guidance_scale. `--config.FIELD=VALUE`
 pins config fields for every cell (the README's table pins the recipe it was made with). Cells
 already in OUT/ablation.json are skipped, so an interrupted run continues. Prints a markdown table.
-`--set wandb.mode=offline` (or online) tracks every cell in W&B, grouped by OUT, and logs the table
+`--config.wandb.mode=offline` (or online) tracks every cell in W&B, grouped by OUT, and logs the table
 as a wandb.Table in a summary run of the same group.
 """
 import argparse
@@ -31,8 +31,10 @@ def main():
     parser.add_argument("--ks", default="1,5,10,20,50")
     parser.add_argument("--solvers", default="ddim,dpm_solver,dpm_solver_pp")
     parser.add_argument("--eval_steps", default="2,4")
-    parser.add_argument("--set", default="", help="field=value,... pinned for every cell")
-    args = parser.parse_args()
+    from lcm_jax import config_loading
+
+    argv, pinned = config_loading.split_argv(sys.argv[1:])  # --config.FIELD=VALUE, every cell
+    args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
 
     import jax
@@ -41,7 +43,6 @@ def main():
     from lcm_jax.objectives.lcd import LCDObjective
 
     base, pipeline, teacher, evaluator = study.load_chain(args.teacher_workdir)
-    pinned = study.parse_run(f"pinned:{args.set}")[1]
     path = os.path.join(args.out, "ablation.json")
     results = study.load_results(path)
     ks, solvers = [int(k) for k in args.ks.split(",")], args.solvers.split(",")
@@ -50,9 +51,9 @@ def main():
             cell = f"k{k}_{solver}"
             if cell in results:
                 continue
-            config = study.run_config(dict(pinned, **{
-                "lcd.num_ddim_timesteps": base.diffusion.num_train_timesteps // k,
-                "lcd.solver": solver, "wandb.group": args.out.rstrip("/")}), args.steps)
+            config = study.run_config(pinned + [
+                f"lcd.num_ddim_timesteps={base.diffusion.num_train_timesteps // k}",
+                f"lcd.solver={solver}", f"wandb.group={args.out.rstrip('/')}"], args.steps)
             config_checks.validate(config)
             objective = LCDObjective(config, teacher)
             pipeline.set_state({"step": 0})

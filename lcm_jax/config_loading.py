@@ -115,8 +115,8 @@ def _typed(path: str, current, text: str):
         value = {"true": True, "false": False}.get(text.strip().lower(), value)
     if current is None or value is None:
         return ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-    if isinstance(current, str):
-        return text  # a string field takes the text as written ('1e-4' stays '1e-4')
+    if isinstance(current, str):  # the text as written ('1e-4' stays '1e-4'), unquoted
+        return value if isinstance(value, str) else text
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):

@@ -78,8 +78,8 @@ def test_two_processes_on_localhost_match_one(tmp_path):
     run = lambda workdir, *extra: subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "tests/tiny_run.py"), str(workdir), *extra], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    sets = lambda pid: ["--set", f"parallel.coordinator_address=127.0.0.1:{port}",
-                        "parallel.num_processes=2", f"parallel.process_id={pid}"]
+    sets = lambda pid: [f"--config.parallel.coordinator_address=127.0.0.1:{port}",
+                        "--config.parallel.num_processes=2", f"--config.parallel.process_id={pid}"]
     procs = [run(tmp_path / "two", *sets(pid)) for pid in (0, 1)]
     single = run(tmp_path / "one")
     for p in procs + [single]:

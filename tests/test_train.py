@@ -74,7 +74,7 @@ def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
-    proc = run_tiny(workdir, "--set", "total_steps=6")
+    proc = run_tiny(workdir, "--config.total_steps=6")
     assert "falling back" in proc.stderr
     assert os.path.isdir(workdir / "checkpoints" / "6.corrupt")  # kept for inspection
     ours, ref = load_params(workdir), load_params(uninterrupted)
@@ -119,7 +119,7 @@ def test_changed_model_refuses_to_resume_and_touches_nothing(uninterrupted, tmp_
     workdir = tmp_path / "w"
     shutil.copytree(uninterrupted, workdir)
     before = snapshot(workdir)
-    proc = run_tiny(workdir, "--set", change, "total_steps=8", check=False)
+    proc = run_tiny(workdir, f"--config.{change}", "--config.total_steps=8", check=False)
     assert proc.returncode != 0
     assert "CheckpointMismatch" in proc.stderr and leaf in proc.stderr, proc.stderr[-3000:]
     assert "--workdir" in proc.stderr  # the fix: another workdir, or the old config
@@ -130,12 +130,12 @@ def test_changed_schedule_resumes_and_keeps_the_old_config(uninterrupted, tmp_pa
     workdir = tmp_path / "w"
     shutil.copytree(uninterrupted, workdir)
     old_config = (workdir / "config.json").read_text()
-    proc = run_tiny(workdir, "--set", "total_steps=8")
+    proc = run_tiny(workdir, "--config.total_steps=8")
     assert "total_steps: 6 -> 8" in proc.stderr  # the changed fields, printed at start-up
     assert (workdir / "config.6.json").read_text() == old_config  # the history is kept
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 8
     assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [4, 6, 8]
-    run_tiny(workdir, "--set", "total_steps=8")  # the same config again: no new history file
+    run_tiny(workdir, "--config.total_steps=8")  # the same config again: no new history file
     assert sorted(p.name for p in workdir.glob("config*.json")) == ["config.6.json", "config.json"]
 
 
@@ -144,7 +144,7 @@ def test_resume_across_device_counts(uninterrupted, tmp_path):
     1, and one written on 1 resumes on 8. Different device counts reduce in another order, so
     the final params match the 1-device run to float32 round-off, not bitwise."""
     eight = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    sharded = ["--set", "parallel.fsdp=8", "parallel.data=1", "parallel.fsdp_min_size=0"]
+    sharded = ["--config.parallel.fsdp=8", "--config.parallel.data=1", "--config.parallel.fsdp_min_size=0"]
     ref = load_params(uninterrupted)
     for name, first, then in (("8_to_1", eight, ENV), ("1_to_8", ENV, eight)):
         workdir = tmp_path / name

@@ -1,6 +1,6 @@
 """Runs the tiny digits config in a fresh process (for kill -9, SIGTERM and 8-device tests).
 
-  python tests/tiny_run.py WORKDIR [--kill-at STEP] [--term-at STEP] [--set field=value ...]
+  python tests/tiny_run.py WORKDIR [--kill-at STEP] [--term-at STEP] [--config.FIELD=VALUE ...]
 Prints one JSON line with the final params' checksum-free fingerprint path (params saved as .npz).
 """
 import argparse
@@ -45,14 +45,16 @@ def main():
     parser.add_argument("workdir")
     parser.add_argument("--kill-at", type=int, default=0)
     parser.add_argument("--term-at", type=int, default=0)
-    parser.add_argument("--set", nargs="*", default=[])
-    args = parser.parse_args()
+    from lcm_jax import config_loading
+
+    argv, overrides = config_loading.split_argv(sys.argv[1:])  # --config.FIELD=VALUE, as main.py
+    args = parser.parse_args(argv)
 
     import numpy as np
 
     from lcm_jax import parallel, train
 
-    config = tiny_config(args.set)
+    config = tiny_config(overrides)
     parallel.initialize_distributed(config.parallel)  # before anything touches a device
     objective, pipeline = build(config)
 
