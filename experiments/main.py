@@ -64,13 +64,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.data.name == "digits":
         evaluate = (_few_step_table if config.objective in DISTILLATION
                     else _digits_evaluation)(config, objective, workdir)
-    final = train.run(config, workdir, objective, pipeline, evaluate=_saving(evaluate, workdir))
-    if config.objective in DISTILLATION + ("lcf",) and not config.model.get("pretrained"):
-        from lcm_jax import teachers  # the digits student, for LCF to fine-tune
-
-        teachers.save_params(teachers.student_path(workdir), final.ema_params)
-    if config.objective == "smooth":
-        _export_smooth(config, workdir, final.ema_params)
+    train.run(config, workdir, objective, pipeline, evaluate=_saving(evaluate, workdir),
+              on_trained=lambda final: _save_outputs(config, workdir, final.ema_params))
     path = os.path.join(workdir, "results.json")
     return json.load(open(path)) if os.path.exists(path) else {}
 
@@ -119,6 +114,16 @@ def _smooth_objective(config, workdir: str, pipeline):
     chain = os.path.expanduser(config.smooth.get("teacher_workdir") or workdir)
     return SmoothObjective(config, teachers.train_chained(config, chain, pipeline.arrays["image"],
                                                           pipeline.arrays["label"]))
+
+
+def _save_outputs(config, workdir: str, params) -> None:
+    """What later runs and users read, written before the final evaluation."""
+    if config.objective in DISTILLATION + ("lcf",) and not config.model.get("pretrained"):
+        from lcm_jax import teachers  # the digits student, for LCF to fine-tune
+
+        teachers.save_params(teachers.student_path(workdir), params)
+    if config.objective == "smooth":
+        _export_smooth(config, workdir, params)
 
 
 def _export_smooth(config, workdir: str, params):

@@ -349,11 +349,14 @@ class Program:
 # ==============================================================================================
 
 def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None = None,
-        on_step: Callable[[int], None] | None = None):
+        on_step: Callable[[int], None] | None = None,
+        on_trained: Callable[[TrainState], None] | None = None):
     """Train to config.total_steps (resuming from `workdir` if it holds checkpoints); returns
     the final TrainState. `evaluate(params, frozen) -> dict` runs at the end (and every
     `config.eval.every_steps` when set, on the EMA params); `on_step(step)` is called
-    after every step (tests use it to inject failures)."""
+    after every step (tests use it to inject failures); `on_trained(final)` runs once the final
+    checkpoint is on disk and before the final evaluation (exports: a failing evaluation then
+    loses nothing, and experiments/evaluate.py can redo it)."""
     os.makedirs(workdir, exist_ok=True)
     example = peek(pipeline)
     program = Program(config, objective, example, compile=False)
@@ -417,8 +420,18 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
                 return program.host_state(state)
         bar.close()
         final = program.host_state(state)
+        checkpointer.wait()
+        if on_trained is not None:
+            on_trained(final)
         if evaluate is not None:
-            writers.results(total, evaluate(final.ema_params, program.sample_frozen))
+            try:
+                results = evaluate(final.ema_params, program.sample_frozen)
+            except Exception:
+                log.error("The run is trained and checkpointed (step %d in %s), but its final "
+                          "evaluation failed; fix the cause and redo it with experiments/"
+                          "evaluate.py --workdir %s.", total, workdir, workdir)
+                raise
+            writers.results(total, results)
         return final
     finally:
         checkpointer.wait()  # the last asynchronous save is on disk before the run returns

@@ -157,3 +157,22 @@ def test_resume_across_device_counts(uninterrupted, tmp_path):
         ours = load_params(workdir)
         for k in ref:  # a few hundred float32 ops per param: 1e-5 is ~100 ulps of O(1) values
             np.testing.assert_allclose(ours[k], ref[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_a_failing_final_evaluation_loses_nothing(tmp_path):
+    """The final checkpoint and the run's outputs (on_trained) are written before the final
+    evaluation, so its failure costs only the table."""
+    from lcm_jax import train
+
+    config = tiny_run.tiny_config()
+    objective, pipeline = tiny_run.build(config)
+    trained = []
+
+    def boom(params, frozen):
+        raise RuntimeError("scorer weights missing")
+
+    with pytest.raises(RuntimeError, match="scorer weights missing"):
+        train.run(config, str(tmp_path), objective, pipeline, evaluate=boom,
+                  on_trained=lambda final: trained.append(int(final.step)))
+    assert trained == [6]
+    assert "6" in os.listdir(tmp_path / "checkpoints")
