@@ -17,13 +17,12 @@ The run's config is W/config.json (every run writes it), or --config for an olde
 """
 import json
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lcm_jax import cli_args, config_loading, errors  # noqa: E402
+from lcm_jax import cli_args, config_loading, errors, paths  # noqa: E402
 
 TEXT_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 SCHEDULER_CLASS = {"lcd": "LCMScheduler", "lcf": "LCMScheduler", "tcd": "TCDScheduler"}
@@ -37,12 +36,11 @@ def load_config(workdir: str, config_path: str | None = None):
 
     if config_path:  # "file.py[:arg]", as --config takes it in main.py
         return config_loading.load(config_path)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = paths.path(workdir) / "config.json"
+    if not path.exists():
         raise errors.UserError(f"{path} does not exist: pass the run's config with --config "
                                 "(workdirs written before config.json was saved do not have it).")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def build_objective(config, workdir: str):
@@ -59,7 +57,7 @@ def build_objective(config, workdir: str):
     if not config.model.get("pretrained"):
         chain = (config.smooth.get("teacher_workdir") or workdir) if config.objective == "smooth" else \
             config.lcf.lcm_workdir if config.objective == "lcf" else workdir
-        missing = [s for s in ("vae", "teacher") if not os.path.exists(os.path.join(chain, s, "DONE"))]
+        missing = [s for s in ("vae", "teacher") if not (paths.path(chain) / s / "DONE").exists()]
         if missing and config.objective != "lcf":
             raise errors.UserError(f"{chain} has no finished {' / '.join(missing)} stage: finish the run "
                                     "(rerun the same command) before exporting.")
@@ -114,10 +112,7 @@ def scheduler_config(config, teacher_folder: str | None) -> dict:
 
 
 def _write_json(path: str, value: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    paths.write_atomic(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def export_sd_pipeline(config, params, out: str) -> None:
@@ -128,7 +123,7 @@ def export_sd_pipeline(config, params, out: str) -> None:
     folder = os.path.expanduser(config.model.pretrained)
     for name in TEXT_COMPONENTS:
         if os.path.isdir(os.path.join(folder, name)):
-            shutil.copytree(os.path.join(folder, name), os.path.join(out, name), dirs_exist_ok=True)
+            paths.copy_tree(os.path.join(folder, name), os.path.join(out, name))
     unet_config = convert.read_config(os.path.join(folder, "unet"))
     if config.objective != "lcf":  # LCF's folder is already an LCM: its config has the field
         unet_config["time_cond_proj_dim"] = teachers.w_embedding_dim(config)
@@ -193,7 +188,7 @@ def export(workdir: str, out: str, weights: str = "ema", config=None) -> dict:
     config = config or load_config(workdir)
     objective = build_objective(config, workdir)
     params, step = restore_params(config, workdir, objective, weights)
-    os.makedirs(out, exist_ok=True)
+    paths.path(out).mkdir(parents=True, exist_ok=True)
     pretrained = config.model.get("pretrained")
     if lora_settings(config) and pretrained:
         export_lora(config, params, out, os.path.expanduser(pretrained))
@@ -207,9 +202,8 @@ def export(workdir: str, out: str, weights: str = "ema", config=None) -> dict:
     else:
         export_digits(config, objective, params, out)
         kind = "digits"
-    summary = {"kind": kind, "step": step, "weights": weights, "out": os.path.abspath(out),
-               "files": sorted(os.path.relpath(os.path.join(d, f), out)
-                               for d, _, fs in os.walk(out) for f in fs)}
+    summary = {"kind": kind, "step": step, "weights": weights, "out": str(paths.path(out)),
+               "files": paths.files_under(out)}
     _write_json(os.path.join(out, "lcm_jax_export.json"), summary)
     return summary
 

@@ -45,7 +45,7 @@ def main(argv):
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    from lcm_jax import config_checks, parallel
+    from lcm_jax import config_checks, parallel, paths
 
     parallel.initialize_distributed(config.parallel)
     parallel.enable_compilation_cache(config.parallel)
@@ -58,7 +58,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size,
                                   seed=config.seed, process_index=jax.process_index(),
                                   process_count=jax.process_count())
-    os.makedirs(workdir, exist_ok=True)
+    paths.path(workdir).mkdir(parents=True, exist_ok=True)
     objective = build_objective(config, workdir, pipeline)
     evaluate = None
     if config.data.name == "digits":
@@ -66,8 +66,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     else _digits_evaluation)(config, objective, workdir)
     train.run(config, workdir, objective, pipeline, evaluate=_saving(evaluate, workdir),
               on_trained=lambda final: _save_outputs(config, workdir, final.ema_params))
-    path = os.path.join(workdir, "results.json")
-    return json.load(open(path)) if os.path.exists(path) else {}
+    path = paths.path(workdir) / "results.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 DISTILLATION = ("lcd", "tcd")  # objectives with a teacher: the few-step table on digits
@@ -164,7 +164,7 @@ def _few_step_table(config, objective, workdir):
 
     def evaluate(params, frozen):
         table = few_step.few_step_table(objective, params, frozen, config.eval, _evaluator(config),
-                                        seed=config.seed, grid_dir=os.path.join(workdir, "grids"))
+                                        seed=config.seed, grid_dir=f"{workdir.rstrip('/')}/grids")
         print(few_step.format_table(table), flush=True)
         return table
 
@@ -172,14 +172,14 @@ def _few_step_table(config, objective, workdir):
 
 
 def _saving(evaluate, workdir):
+    from lcm_jax import paths
+
     if evaluate is None:
         return None
 
     def wrapped(params, frozen):
         results = evaluate(params, frozen)
-        with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(os.path.join(workdir, "results.json.tmp"), os.path.join(workdir, "results.json"))
+        paths.write_atomic(paths.path(workdir) / "results.json", json.dumps(results, indent=2))
         return results
 
     return wrapped

@@ -63,6 +63,9 @@ def step_list(text: str) -> list[int]:
 
 
 def existing_dir(text: str) -> str:
+    """A folder that exists (a bucket URL, gs://..., is taken as given: checked when read)."""
+    if "://" in text:
+        return text
     if not os.path.isdir(os.path.expanduser(text)):
         raise argparse.ArgumentTypeError(f"{text!r} is not a folder; give an existing one")
     return os.path.expanduser(text)
@@ -76,7 +79,9 @@ def existing_file(text: str) -> str:
 
 def output_dir(text: str) -> str:
     """A folder to write into: it may not exist yet, but it may not be a file, and the nearest
-    existing folder above it must be writable."""
+    existing folder above it must be writable (a bucket URL is taken as given)."""
+    if "://" in text:
+        return text
     path = os.path.abspath(os.path.expanduser(text))
     if os.path.exists(path) and not os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{text!r} is a file; give a folder to write into")

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lcm_jax import config_loading, models, train
+from lcm_jax import config_loading, models, paths, train
 from lcm_jax.data import digits
 from lcm_jax.diffusion import schedule as sched
 from lcm_jax.objectives import conditioning
@@ -99,12 +99,12 @@ def _tracked(stage, workdir: str, job_type: str) -> ml_collections.ConfigDict:
 
 
 def _done(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "DONE"))
+    return (paths.path(path) / "DONE").exists()
 
 
 def _mark_done(path: str) -> None:
     if jax.process_index() == 0:
-        open(os.path.join(path, "DONE"), "w").close()
+        paths.write_atomic(paths.path(path) / "DONE", "")
 
 
 def _pipeline(arrays: dict, stage):
@@ -182,7 +182,7 @@ def distilled_from_chained(config, workdir: str) -> Teacher:
     from lcm_jax.models import vae as vae_lib
 
     path = student_path(workdir)
-    if not os.path.isfile(path):
+    if not paths.path(path).is_file():
         raise ValueError(f"{path} does not exist: run README command 1 (configs/digits_lcd.py) "
                          f"with --workdir {workdir} first, or point config.lcf.lcm_workdir at "
                          f"the workdir of a finished digits LCD run.")
@@ -207,14 +207,10 @@ def save_params(path: str, params) -> None:
     from flax import serialization
 
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            f.write(serialization.to_bytes(jax.device_get(params)))
-        os.replace(path + ".tmp", path)
+        paths.write_atomic(path, serialization.to_bytes(jax.device_get(params)))
 
 
 def load_params(path: str, template):
     from flax import serialization
 
-    with open(path, "rb") as f:
-        return serialization.from_bytes(template, f.read())
+    return serialization.from_bytes(template, paths.path(path).read_bytes())

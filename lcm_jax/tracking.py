@@ -9,6 +9,8 @@ import os
 
 import ml_collections
 
+from lcm_jax import paths
+
 MODES = ("online", "offline", "disabled")
 
 
@@ -46,22 +48,19 @@ def start(config, workdir: str, primary: bool = True):
     name = w.get("name") or (os.path.basename(workdir) if group == workdir else
                              f"{os.path.basename(group.rstrip('/'))}-{job_type}")
     return wandb.init(project=w.project, entity=w.get("entity") or None, mode=mode(config),
-                      dir=workdir, config=flat_config(config.to_dict()), tags=list(w.get("tags", ())),
+                      dir=paths.local_dir(workdir, "wandb"), config=flat_config(config.to_dict()), tags=list(w.get("tags", ())),
                       group=group, job_type=job_type, name=name, id=run_id(workdir),
                       resume="allow", settings=wandb.Settings(quiet=True))
 
 
 def run_id(workdir: str) -> str:
     """Kept in W/wandb_run_id, so a resumed run continues the same W&B run."""
-    path = os.path.join(workdir, "wandb_run_id")
-    if not os.path.exists(path):
+    path = paths.path(workdir) / "wandb_run_id"
+    if not path.exists():
         import uuid
 
-        with open(path + ".tmp", "w") as f:
-            f.write(uuid.uuid4().hex[:12])
-        os.replace(path + ".tmp", path)
-    with open(path) as f:
-        return f.read().strip()
+        paths.write_atomic(path, uuid.uuid4().hex[:12])
+    return path.read_text().strip()
 
 
 def results_rows(results: dict, path: tuple = ()) -> list[dict]:
@@ -93,8 +92,8 @@ def log_results(config, directory: str, name: str, results: dict) -> None:
     """A study's table (e.g. experiments/lcd_ablation.py) as its own run in the study's group."""
     summary = ml_collections.ConfigDict(config.to_dict())
     summary.wandb.update(group=summary.wandb.get("group") or directory.rstrip("/"), job_type="summary")
-    os.makedirs(os.path.join(directory, "summary"), exist_ok=True)
-    run = start(summary, os.path.join(directory, "summary"))
+    (paths.path(directory) / "summary").mkdir(parents=True, exist_ok=True)
+    run = start(summary, f"{directory.rstrip('/')}/summary")
     if run is not None:
         run.log({name: results_table(results)})
         run.finish()

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcm_jax import models, parallel, tracking
+from lcm_jax import models, parallel, paths, tracking
 from lcm_jax.errors import UserError
 
 log = logging.getLogger("lcm_jax")
@@ -100,7 +100,7 @@ class Checkpointer:
 
         self.ocp = ocp
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory), item_names=("state", "data"),
+            paths.path(directory), item_names=("state", "data"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=True))
 
@@ -116,8 +116,8 @@ class Checkpointer:
         with _quiet_absl():
             self.manager.wait_until_finished()
 
-    def path(self, step: int) -> str:
-        return os.path.join(str(self.manager.directory), str(step))
+    def path(self, step: int):
+        return self.manager.directory / str(step)
 
     def check(self, abstract_state) -> None:
         """Raises CheckpointMismatch if the newest readable checkpoint's leaves differ from
@@ -139,15 +139,16 @@ class Checkpointer:
     def _saved_leaves(self, step: int) -> dict | None:
         try:
             with _quiet_absl():
-                metadata = self.ocp.StandardCheckpointer().metadata(
-                    os.path.join(self.path(step), "state"))
+                metadata = self.ocp.StandardCheckpointer().metadata(self.path(step) / "state")
             return _leaves(metadata.item_metadata) or None  # orbax reads garbage as empty
         except Exception:  # noqa: BLE001 -- unreadable metadata: a corrupt checkpoint
             return None
 
     def restore(self, abstract_state):
         """(state, data_states) from the newest readable checkpoint, or None if there is none.
-        Call `check` first: a structure mismatch must stop the run, not count as corruption."""
+        A structure mismatch raises first (`check`): it must stop the run, not count as
+        corruption."""
+        self.check(abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 with _quiet_absl():
@@ -166,7 +167,7 @@ class Checkpointer:
         """Keep an unreadable checkpoint for inspection, out of the way of the redone step."""
         if jax.process_index() == 0:
             path = self.path(step)
-            os.replace(path, f"{path}.corrupt")
+            path.rename(path.parent / f"{step}.corrupt")
         self.manager.reload()
 
 
@@ -210,10 +211,11 @@ class Writers:
 
     def __init__(self, config, workdir: str):
         self.primary = jax.process_index() == 0
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.primary else None
+        self.jsonl = paths.LineLog(paths.path(workdir) / "metrics.jsonl") if self.primary else None
         from clu import metric_writers
 
-        self.clu = metric_writers.create_default_writer(workdir, just_logging=not self.primary,
+        self.clu = metric_writers.create_default_writer(str(paths.path(workdir)),
+                                                        just_logging=not self.primary,
                                                         asynchronous=False)
         self.wandb = tracking.start(config, workdir, self.primary)
 
@@ -221,7 +223,6 @@ class Writers:
         self.clu.write_scalars(step, metrics)
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.jsonl.flush()
         if self.wandb:
             self.wandb.log(metrics, step=step)
 
@@ -230,11 +231,12 @@ class Writers:
             return
         from PIL import Image
 
-        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
+        image = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+        paths.save_png(path, image)
         if self.wandb:
             import wandb
 
-            self.wandb.log({name: wandb.Image(path, caption=f"step {step}")}, step=step)
+            self.wandb.log({name: wandb.Image(image, caption=f"step {step}")}, step=step)
 
     def results(self, step: int, results: dict) -> None:
         """Evaluation results: scalars eval/<path> and one W&B table ('eval_table')."""
@@ -357,12 +359,12 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
     after every step (tests use it to inject failures); `on_trained(final)` runs once the final
     checkpoint is on disk and before the final evaluation (exports: a failing evaluation then
     loses nothing, and experiments/evaluate.py can redo it)."""
-    os.makedirs(workdir, exist_ok=True)
+    given, workdir = str(workdir), paths.path(workdir)  # as given: W&B's default group name
+    workdir.mkdir(parents=True, exist_ok=True)
     example = peek(pipeline)
     program = Program(config, objective, example, compile=False)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.keep)
-    checkpointer.check(program.checkpoint_target())  # a changed model stops here, untouched
-
+    checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint.keep)
+    # A changed model stops here, before anything is renamed or written.
     restored = checkpointer.restore(program.checkpoint_target())
     start = 0 if restored is None else int(parallel.to_host(restored[0].step))
     record_config(config, workdir, start)
@@ -376,7 +378,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
     if start:
         log.info("Resumed from step %d in %s.", start, workdir)
 
-    writers = Writers(config, workdir)
+    writers = Writers(config, given)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
     sample = jax.jit(lambda p, frozen, rng: objective.sample_fn(
@@ -405,13 +407,13 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
                 checkpointer.save(step, program.host_state(state),
                                   gather_data_states(pipeline.get_state()))
                 last_saved = step
-                writers.summary(checkpoint=checkpointer.path(step), checkpoint_step=step)
+                writers.summary(checkpoint=str(checkpointer.path(step)), checkpoint_step=step)
             if step % config.sample.every_steps == 0 or is_last:
                 ema = program.host_state(state).ema_params
                 images = sample(ema, program.sample_frozen,
                                 jax.random.PRNGKey(config.seed + 1))  # fixed seed: comparable
                 writers.images(step, "samples", image_grid(parallel.to_host(images)),
-                               os.path.join(workdir, f"samples_{step:07d}.png"))
+                               workdir / f"samples_{step:07d}.png")
             if evaluate is not None and eval_every and step % eval_every == 0 and not is_last:
                 writers.results(step, evaluate(program.host_state(state).ema_params,
                                                program.sample_frozen))
@@ -446,23 +448,20 @@ def record_config(config, workdir: str, step: int) -> None:
     step at which it stopped applying, and logs the changed fields."""
     if jax.process_index() != 0:
         return
-    path, text = os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
-    if os.path.exists(path):
-        with open(path) as f:
-            old_text = f.read()
+    workdir = paths.path(workdir)
+    path, text = workdir / "config.json", config.to_json_best_effort(indent=2)
+    if path.exists():
+        old_text = path.read_text()
         if old_text == text:
             return
         changes = config_changes(json.loads(old_text), json.loads(text))
         log.warning("The config differs from the one this workdir last ran with (kept as "
                     "config.%d.json): %s", step, "; ".join(changes) or "formatting only")
-        kept = os.path.join(workdir, f"config.{step}.json")
-        suffix = 1
-        while os.path.exists(kept):  # several restarts at one step: keep them all
-            kept, suffix = os.path.join(workdir, f"config.{step}.{suffix}.json"), suffix + 1
-        os.replace(path, kept)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+        kept, suffix = workdir / f"config.{step}.json", 1
+        while kept.exists():  # several restarts at one step: keep them all
+            kept, suffix = workdir / f"config.{step}.{suffix}.json", suffix + 1
+        path.rename(kept)
+    paths.write_atomic(path, text)
 
 
 def config_changes(old: dict, new: dict) -> list[str]:

@@ -37,7 +37,9 @@ def checkpointed_run(workdir, config):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort())
-    train.Checkpointer(os.path.join(workdir, "checkpoints"), 2).save(3, state, [{}])
+    checkpointer = train.Checkpointer(os.path.join(workdir, "checkpoints"), 2)
+    checkpointer.save(3, state, [{}])
+    checkpointer.wait()  # saves are asynchronous
     return state
 
 

@@ -9,11 +9,11 @@ on the intended class.
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
 import numpy as np
 
+from lcm_jax import paths
 from lcm_jax.eval import sampling
 
 # name -> (sampler, its options): the baselines with the few-step-friendly settings of diffusers'
@@ -50,7 +50,7 @@ def few_step_table(objective, params, frozen, eval_config, evaluator, seed: int 
         else:
             table.setdefault(name, {})[steps] = metrics
         if grid_dir:
-            _save_grid(images[:40], os.path.join(grid_dir, f"{name}{'_' + steps if steps else ''}.png"))
+            _save_grid(images[:40], paths.path(grid_dir) / f"{name}{'_' + steps if steps else ''}.png")
     return table
 
 
@@ -64,9 +64,8 @@ def _save_grid(images: np.ndarray, path: str) -> None:
 
     from lcm_jax.train import image_grid
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     grid = image_grid(images)
-    Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
+    paths.save_png(path, Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid))
 
 
 def format_table(table: dict) -> str:
@@ -83,6 +82,4 @@ def format_table(table: dict) -> str:
 
 
 def save(table: dict, path: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(table, f, indent=2)
-    os.replace(path + ".tmp", path)
+    paths.write_atomic(path, json.dumps(table, indent=2))

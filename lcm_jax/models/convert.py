@@ -18,6 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
+from lcm_jax import paths
 from lcm_jax.errors import UserError
 
 # Torch module-list attributes: their numeric children are list positions, not names.
@@ -144,28 +145,28 @@ class MissingFile(UserError, FileNotFoundError):
 
 
 def read_config(folder: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    if not os.path.isdir(folder):
+    folder = paths.path(folder)
+    if not folder.is_dir():
         raise MissingFile(f"{folder} does not exist; point it at a local diffusers / "
-                                "transformers model folder (weights cannot be downloaded here).")
-    if not os.path.exists(path):
+                          "transformers model folder (weights cannot be downloaded here).")
+    if not (folder / "config.json").exists():
         raise MissingFile(f"{folder} has no config.json; give the component folder (e.g. "
-                                "PIPELINE/unet), not the pipeline root or a weights file.")
+                          "PIPELINE/unet), not the pipeline root or a weights file.")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads((folder / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); it is truncated or corrupt: copy the "
-                        f"model folder again from its source.") from None
+        raise UserError(f"{folder / 'config.json'} is not valid JSON ({e}); it is truncated or "
+                        f"corrupt: copy the model folder again from its source.") from None
 
 
-def load_weights(path: str) -> dict[str, np.ndarray]:
-    """One safetensors file; a truncated or garbled one is named, with the fix."""
+def load_weights(path) -> dict[str, np.ndarray]:
+    """One safetensors file (local or on a bucket); a truncated or garbled one is named, with
+    the fix."""
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
     try:
-        return load_file(path)
+        return load(paths.path(path).read_bytes()) if paths.is_remote(path) else load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); copy it again "
                         f"from its source.") from None
@@ -174,13 +175,13 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
 def load_state_dict(folder: str, variant: str | None = None) -> dict[str, np.ndarray]:
     """All tensors of a component folder: one safetensors file, an fp16/other variant, or shards
     listed in a `*.safetensors.index.json`. Pickle checkpoints are refused."""
-    files = os.listdir(folder)
+    files = [p.name for p in paths.path(folder).iterdir()]
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
     for stem in WEIGHT_NAMES:
         index = f"{stem}{suffix}.index.json"
         if index in files:
-            with open(os.path.join(folder, index)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            index_json = json.loads((paths.path(folder) / index).read_text())
+            shards = sorted(set(index_json["weight_map"].values()))
             state = {}
             for shard in shards:
                 state.update(load_weights(os.path.join(folder, shard)))
@@ -202,13 +203,9 @@ def load_state_dict(folder: str, variant: str | None = None) -> dict[str, np.nda
 def save_folder(folder: str, config: dict, state_dict: Mapping[str, np.ndarray],
                 weights_name: str = "diffusion_pytorch_model.safetensors") -> None:
     """config.json + safetensors, written to temporary names and renamed (atomic per file)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, weights_name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp,
-              metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(folder, weights_name))
-    with open(os.path.join(folder, "config.json.tmp"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    os.replace(os.path.join(folder, "config.json.tmp"), os.path.join(folder, "config.json"))
+    folder = paths.path(folder)
+    paths.write_atomic(folder / weights_name, save(
+        {k: np.ascontiguousarray(v) for k, v in state_dict.items()}, metadata={"format": "pt"}))
+    paths.write_atomic(folder / "config.json", json.dumps(config, indent=2, sort_keys=True))

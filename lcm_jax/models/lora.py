@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcm_jax import paths
 from lcm_jax.errors import UserError
 from lcm_jax.models import convert
 
@@ -175,7 +176,7 @@ def save(folder: str, lora: Mapping, alpha: float, prefix: str = "unet") -> str:
     targets, and a `rank_pattern` for the layers whose rank `init` lowered to their width (peft
     builds every layer at `r` otherwise, and the load fails on their shapes). Alpha stays one
     value: peft scales each layer by alpha / its own rank, as `merge` does."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     state = to_peft_state_dict(lora, prefix)
     ranks = {k[len(prefix) + 1:-len(".lora_A.weight")]: v.shape[0]
@@ -185,11 +186,9 @@ def save(folder: str, lora: Mapping, alpha: float, prefix: str = "unet") -> str:
     metadata = {f"{prefix}.r": r, f"{prefix}.lora_alpha": alpha,
                 f"{prefix}.target_modules": sorted(ranks),
                 f"{prefix}.rank_pattern": {m: k for m, k in sorted(ranks.items()) if k != r}}
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, WEIGHTS_NAME)
-    save_file(state, path + ".tmp", metadata={"format": "pt", "lora_adapter_metadata":
-                                              json.dumps(metadata, sort_keys=True)})
-    os.replace(path + ".tmp", path)
+    paths.write_atomic(path, save(state, metadata={"format": "pt", "lora_adapter_metadata":
+                                                   json.dumps(metadata, sort_keys=True)}))
     return path
 
 
