@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from conftest import f32_tol
 from lcm_jax.data import digits
 from lcm_jax.eval import digits_metrics, digits_net, fid
 
@@ -116,8 +117,11 @@ def test_features_are_batched_consistently(evaluator):
     images, _ = digits.load("train", 16, 1)  # 1497 > EVAL_BATCH_SIZE: several padded chunks
     features = evaluator.net.features(images)
     assert features.shape == (len(images), digits_net.FEATURE_DIM)
-    np.testing.assert_allclose(features[:3], evaluator.net.features(images[:3]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(features[-3:], evaluator.net.features(images[-3:]), rtol=1e-5, atol=1e-5)
+    # Chunks of 512 vs one of 3: two programs, which XLA sums in their own orders (64 ulps of
+    # the features' scale); another image's features differ by O(1).
+    tol = f32_tol(64, features)
+    np.testing.assert_allclose(features[:3], evaluator.net.features(images[:3]), rtol=0, atol=tol)
+    np.testing.assert_allclose(features[-3:], evaluator.net.features(images[-3:]), rtol=0, atol=tol)
 
 
 def test_wrong_image_shape_is_rejected(evaluator):

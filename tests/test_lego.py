@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fast_compile
+from conftest import f32_tol, fast_compile
 
 from lcm_jax import config_checks, models
 from lcm_jax.models import lego
@@ -141,9 +141,12 @@ def test_patch_subsampling_computes_only_the_chosen_tiles():
     full = outputs(*args)
     sub = outputs(*args, tiles=[idx, None, None], fill=fill)
     tiles_full, tiles_sub = lego.to_tiles(full[0], 4), lego.to_tiles(sub[0], 4)
+    # Two programs (3 tiles vs all 16 per image): XLA sums each its own way, so the chosen tiles
+    # agree to float32 reassociation (64 ulps of their scale; 6 ulps seen), not bit for bit.
     for b in range(2):
         chosen = np.asarray(idx[b])
-        np.testing.assert_allclose(tiles_sub[b, chosen], tiles_full[b, chosen], atol=1e-6)
+        np.testing.assert_allclose(tiles_sub[b, chosen], tiles_full[b, chosen], rtol=0,
+                                   atol=f32_tol(64, tiles_full[b, chosen]))
         rest = np.setdiff1d(np.arange(16), chosen)
         assert np.all(tiles_sub[b, rest] == 7.0)
     assert not np.allclose(sub[1], full[1])  # the next brick reads the filled tiles

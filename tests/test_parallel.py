@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import f32_tol
 from lcm_jax import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,8 +35,11 @@ def test_layout_matches_one_device(reports, layout):
         if layout not in report:
             pytest.skip("this objective's check runs data x fsdp and pmap only")
         r = report[layout]
-        assert r["max_loss_diff"] <= 1e-5 * max(1.0, abs(r["losses"][0])), r  # float32, relative
-        assert r["max_param_diff"] <= 1e-5, r
+        # Each layout is its own program: its sums (the batch mean, the all-reduce) run in another
+        # order. Losses: 84 ulps at their scale. Params: Adam's first steps scale the gradient's
+        # rounding by up to lr / eps, so 176 ulps (as test_lcd); a wrong reduction is off by ~1e-3.
+        assert r["max_loss_diff"] <= f32_tol(84, r["losses"][0]), r
+        assert r["max_param_diff"] <= f32_tol(176), r
         assert r["losses"][1] != r["losses"][0]  # two different steps really ran
 
 
@@ -86,5 +90,6 @@ def test_two_processes_on_localhost_match_one(tmp_path):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     two, one = np.load(tmp_path / "two" / "final_params.npz"), np.load(tmp_path / "one" / "final_params.npz")
-    assert max(float(np.max(np.abs(two[k] - one[k]))) for k in one.files) <= 1e-6
+    # Two processes reduce over gloo in another order than one: 176 ulps, as the layouts above.
+    assert max(float(np.max(np.abs(two[k] - one[k]))) for k in one.files) <= f32_tol(176)
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4", "6"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import test_lcd
+from conftest import f32_tol
 from configs import digits_smooth
 from lcm_jax import data as data_lib
 from lcm_jax import train
@@ -84,8 +85,12 @@ def test_penalty_and_gradient_equal_explicit_jacobian(teacher):
     np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
     np.testing.assert_allclose(new_mean, ref_mean, rtol=1e-6)
     flat, ref_flat = convert.flatten(grads), convert.flatten(ref_grads)
+    # A second derivative through a VJP vs through explicit [D, D] Jacobians, summed in other
+    # orders: near-zero elements are cancellations of terms of the gradient's scale, so the
+    # absolute floor is 256 ulps of that scale (~50 seen), not a fixed 1e-5.
     for path in flat:
-        np.testing.assert_allclose(flat[path], ref_flat[path], rtol=1e-3, atol=1e-5, err_msg=str(path))
+        np.testing.assert_allclose(flat[path], ref_flat[path], rtol=1e-3,
+                                   atol=f32_tol(256, ref_flat[path]), err_msg=str(path))
 
 
 def test_penalty_gradient_reaches_every_lora_factor(teacher):

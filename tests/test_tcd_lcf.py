@@ -14,8 +14,9 @@ from lcm_jax.models import lora
 from lcm_jax.objectives.lcd import LCDObjective, Teacher
 from lcm_jax.objectives.lcf import LCFObjective
 from lcm_jax.objectives.tcd import TCDObjective
-from conftest import fast_compile
-from test_lcd import B, NULL, batch, max_diff, plain_update, randomized, tiny_config, tiny_teacher
+from conftest import f32_tol, fast_compile
+from test_lcd import (B, NULL, batch, max_diff, plain_update, randomized, step_tol, tiny_config,
+                      tiny_teacher)
 
 
 def plain_draws(objective, state, images, frozen):
@@ -121,9 +122,9 @@ def test_fused_step_equals_unfused_math(kind):
     loss, params, ema = fast_compile(functools.partial(reference_step, objective, kind=kind[:3]),
                                      state, batch(), frozen)
     assert float(metrics["loss"]) > 0
-    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
-    assert max_diff(new_state.params, params) < 1e-6
-    assert max_diff(new_state.ema_params, ema) < 1e-6
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)  # 84 ulps
+    assert max_diff(new_state.params, params) <= step_tol(params)  # two programs: see step_tol
+    assert max_diff(new_state.ema_params, ema) <= step_tol(ema)
     assert max_diff(new_state.params, state.params) > 1e-4
 
 
@@ -159,7 +160,8 @@ def test_tcd_with_a_one_step_grid_and_s_zero_is_lcd():
         state.params) for o in (tcd, lcd))
     assert float(a) > 0 and max_diff(grad_a, jax.tree.map(jnp.zeros_like, grad_a)) > 1e-4
     np.testing.assert_allclose(float(a), float(b), rtol=1e-5)
-    assert max_diff(grad_a, grad_b) < 1e-6
+    # Two programs (and c_skip, c_out 1e-9 off 0, 1): 64 ulps of the gradients' scale (~700).
+    assert max_diff(grad_a, grad_b) <= f32_tol(64, *jax.tree.leaves(grad_b))
 
 
 # ----------------------------------------------------------------------------------------------

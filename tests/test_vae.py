@@ -13,6 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from conftest import f32_tol  # noqa: E402
 from lcm_jax.models import convert, vae  # noqa: E402
 
 BASE = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
@@ -79,8 +80,9 @@ def test_sample_and_scaled_latents(case):
     rng = jax.random.PRNGKey(0)
     z = m.sample(mean, logvar, rng)
     eps = jax.random.normal(rng, mean.shape)
-    np.testing.assert_allclose(z, mean + np.exp(0.5 * np.asarray(logvar)) * eps,
-                               rtol=1e-6, atol=1e-6)
+    noise = np.exp(0.5 * np.asarray(logvar)) * eps
+    # XLA's exp vs numpy's (vectorised per CPU): a few ulps of the terms, not of z (they cancel).
+    np.testing.assert_allclose(z, mean + noise, rtol=0, atol=f32_tol(8, mean, noise))
     latents = m.encode_to_latents(p, nhwc(case["x"]), rng)
     np.testing.assert_allclose(latents, (z - (c.shift_factor or 0)) * c.scaling_factor,
                                rtol=1e-5, atol=1e-5)
