@@ -374,6 +374,25 @@ def _optimizer(config):
                    f"use fewer warmup steps than {total} (e.g. {total // 10})")
     yield from _positive(config, "optimizer.grad_clip", allow_none=True)
     yield from _in_unit_interval(config, "ema_decay", "the EMA rate", 0.999)
+    yield from _accumulation(config)
+
+
+def _accumulation(config):
+    """optimizer.accumulate_steps = k: every *_steps field counts train steps (one batch of
+    batch_size each); the optimizer updates every k-th step, on the mean gradient of k batches."""
+    k = _get(config, "optimizer.accumulate_steps")
+    yield from _at_least(config, "optimizer.accumulate_steps", 1,
+                         fix="set it to an integer >= 1 (1: no accumulation)")
+    if not (_is_int(k) and k > 1):
+        return
+    batch = _get(config, "batch_size")
+    for path in ("total_steps", "optimizer.warmup_steps"):
+        steps = _get(config, path)
+        if _is_int(steps) and steps % k:
+            yield _bad(path, steps, f"is not a multiple of optimizer.accumulate_steps={k}",
+                       f"it counts steps of batch_size={batch}, and an update happens every {k} "
+                       f"steps (effective batch {k} x {batch}): use a multiple of {k}, "
+                       f"e.g. {max(k, round(steps / k) * k)}")
 
 
 def _consistency_distillation(config):

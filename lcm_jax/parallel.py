@@ -9,6 +9,7 @@ reduce-scatters. pmap mode keeps a replica per local device and averages gradien
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -19,19 +20,90 @@ MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both axes
 PMAP_AXIS = "batch"
 
+log = logging.getLogger("lcm_jax")
+
 
 def initialize_distributed(parallel_config) -> None:
-    """jax.distributed.initialize from the config or, when it is empty, from the environment
-    (JAX_COORDINATOR_ADDRESS etc., or a cluster JAX auto-detects). Single-process: nothing."""
+    """Make this process one of a multi-controller run, before anything touches a device.
+
+    - explicit settings win: `parallel.coordinator_address` (or JAX_COORDINATOR_ADDRESS),
+      `parallel.num_processes`, `parallel.process_id` go to jax.distributed.initialize, which
+      fills whatever is left unset from the cluster, if any;
+    - otherwise, in a cluster JAX bootstraps itself from (a Cloud TPU pod slice, SLURM, Open MPI's
+      mpirun, a Kubernetes Job: `detect_cluster`) with more than one process:
+      jax.distributed.initialize() with no arguments, JAX reading everything from the cluster;
+    - otherwise (one machine, or a one-process cluster job): nothing.
+    Never initializes twice. Without it, N hosts of a pod would train N independent runs."""
+    if _distributed_is_initialized():
+        return
     address = parallel_config.get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not address:
+    num_processes = parallel_config.get("num_processes") or None
+    process_id = parallel_config.get("process_id", -1)
+    process_id = None if process_id is None or process_id < 0 else process_id
+    explicit = address or num_processes is not None or process_id is not None
+    cluster = None if explicit else detect_cluster()
+    if not explicit and (cluster is None or cluster[1] == 1):
         return
     # CPU hosts need a collectives backend for cross-process programs; GPU/TPU ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=address,
-        num_processes=parallel_config.get("num_processes") or None,
-        process_id=None if parallel_config.get("process_id", -1) < 0 else parallel_config.process_id)
+    if explicit:
+        jax.distributed.initialize(coordinator_address=address or None,
+                                   num_processes=num_processes, process_id=process_id)
+    else:
+        log.info("jax.distributed: %s cluster detected (%s processes); JAX reads the coordinator, "
+                 "process count and id from it.", cluster[0], cluster[1] or "?")
+        jax.distributed.initialize()
+
+
+def detect_cluster() -> tuple[str, int | None] | None:
+    """(name, process count or None when it cannot be read) of the cluster environment that
+    jax.distributed.initialize() would bootstrap from, or None. Asks JAX's own registry
+    (jax._src.clusters.ClusterEnv: the same environments, in the same order, skipping the opt-in
+    mpi4py one, as JAX); if a JAX version lacks it, checks the variables those environments read."""
+    try:
+        from jax._src.clusters import ClusterEnv
+        cluster_types = list(ClusterEnv._cluster_types)
+    except (ImportError, AttributeError):
+        return _cluster_from_env_vars()
+    for env in cluster_types:
+        if getattr(env, "opt_in_only_method", False) or not env.is_env_present():
+            continue
+        try:
+            count = int(env.get_process_count())
+        except Exception:  # noqa: BLE001 - e.g. a metadata server that does not answer: JAX decides
+            count = None
+        return getattr(env, "name", "") or env.__name__, count
+    return None
+
+
+def _cluster_from_env_vars() -> tuple[str, int | None] | None:
+    """The fallback of `detect_cluster`: the variables of jax/_src/clusters/{slurm,ompi,
+    cloud_tpu}_cluster.py (a GCE TPU VM's metadata server is not queried here)."""
+    env = os.environ
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return "ompi", _int_or_none(env.get("OMPI_COMM_WORLD_SIZE"))
+    if all(v in env for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                              "SLURM_LOCALID")):
+        return "slurm", _int_or_none(env.get("SLURM_NTASKS"))
+    if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES"):
+        hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
+        return "gketpu", len(hosts.split(",")) * (_int_or_none(env.get("MEGASCALE_NUM_SLICES")) or 1)
+    return None
+
+
+def _distributed_is_initialized() -> bool:
+    is_initialized = getattr(jax.distributed, "is_initialized", None)  # absent in older jax
+    if is_initialized is not None:
+        return bool(is_initialized())
+    from jax._src import distributed
+    return distributed.global_state.client is not None
+
+
+def _int_or_none(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def enable_compilation_cache(parallel_config) -> None:

@@ -81,6 +81,7 @@ def test_sd_folder_smooth_diffusion_lora(folder):
     from lcm_jax.objectives.smooth import SmoothObjective
 
     config = config_for(sd15_smooth, folder)
+    config.optimizer.accumulate_steps = 1  # the recipe accumulates 8 steps; one step must move B
     config.smooth.lora.update(rank=2, alpha=2.0)
     config_checks.validate(config, device_count=1, process_count=1)
     objective = SmoothObjective(config, teachers.from_pretrained(config))

@@ -1,6 +1,8 @@
 """Pieces every objective's train step shares: the optimizer, EMA, per-example randomness."""
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -9,11 +11,16 @@ from lcm_jax import parallel
 
 
 def learning_rate(opt_config, total_steps: int):
-    """Linear warmup, then constant or cosine decay to 0 (a pure function of the step)."""
-    warmup = opt_config.get("warmup_steps", 0)
+    """Linear warmup, then constant or cosine decay to 0 (a pure function of the optimizer's
+    update count). Under gradient accumulation the count is of updates, not train steps: the
+    warmup and the decay horizon are `optimizer.warmup_steps` and `total_steps` divided by
+    `optimizer.accumulate_steps` (every `*_steps` of a config counts train steps)."""
+    k = accumulate_steps(opt_config)
+    warmup = opt_config.get("warmup_steps", 0) // k
+    total_updates = total_steps // k
     decay = opt_config.get("decay", "constant")
     if decay == "cosine":
-        after = optax.cosine_decay_schedule(opt_config.lr, max(total_steps - warmup, 1))
+        after = optax.cosine_decay_schedule(opt_config.lr, max(total_updates - warmup, 1))
     elif decay == "constant":
         after = optax.constant_schedule(opt_config.lr)
     else:
@@ -23,15 +30,34 @@ def learning_rate(opt_config, total_steps: int):
     return optax.join_schedules([optax.linear_schedule(0.0, opt_config.lr, warmup), after], [warmup])
 
 
+def accumulate_steps(opt_config) -> int:
+    """`optimizer.accumulate_steps` (1 when unset): micro-batches per optimizer update."""
+    k = opt_config.get("accumulate_steps", 1)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"config.optimizer.accumulate_steps={k!r}: use an int >= 1.")
+    return int(k)
+
+
 def make_optimizer(opt_config, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with gradient clipping by global norm (the LCD scripts' max_grad_norm = 1)."""
+    """AdamW with gradient clipping by global norm (the LCD scripts' max_grad_norm = 1).
+
+    `optimizer.accumulate_steps` = k > 1 wraps it in optax.MultiSteps: each train step adds its
+    batch's gradient to a running mean, and every k-th step the clip + AdamW update runs on the
+    mean of the k gradients (in between the params do not move; `apply_gradients` updates the
+    EMA only on the updating steps). k steps of batch B then equal one step of batch k B: the
+    effective batch is k * config.batch_size, there are total_steps // k updates, and the
+    schedule counts updates. k = 1: the plain chain, no wrapper."""
     chain = []
     if opt_config.get("grad_clip"):
         chain.append(optax.clip_by_global_norm(opt_config.grad_clip))
     chain.append(optax.adamw(learning_rate(opt_config, total_steps), b1=opt_config.get("b1", 0.9),
                              b2=opt_config.get("b2", 0.999), eps=opt_config.get("eps", 1e-8),
                              weight_decay=opt_config.get("weight_decay", 0.0)))
-    return optax.chain(*chain)
+    tx = optax.chain(*chain)
+    k = accumulate_steps(opt_config)
+    if k > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
+    return tx
 
 
 def ema_update(ema_params, params, decay):
@@ -40,13 +66,21 @@ def ema_update(ema_params, params, decay):
 
 
 def apply_gradients(state, grads, metrics: dict, tx, ema_decay: float, axis_name: str | None = None):
-    """Average over replicas, one optax update, the EMA, the step counter (+ grad_norm metric)."""
+    """Average over replicas, one optax update, the EMA, the step counter (+ grad_norm metric).
+    Under gradient accumulation (an optax.MultiSteps state, `make_optimizer`) the params move
+    and the EMA / target network follows only on the steps where the accumulated update was
+    applied; `step` counts train steps (micro-batches) either way."""
     grads, metrics = cross_replica_mean((grads, metrics), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(jnp.add, state.params, updates)
     metrics = dict(metrics, grad_norm=jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))))
+    ema_params = ema_update(state.ema_params, params, ema_decay)
+    if isinstance(opt_state, optax.MultiStepsState):
+        updated = opt_state.gradient_step > state.opt_state.gradient_step
+        ema_params = jax.tree.map(lambda new, old: jnp.where(updated, new, old), ema_params,
+                                  state.ema_params)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema_update(state.ema_params, params, ema_decay)), metrics
+                         ema_params=ema_params), metrics
 
 
 def example_keys(rng, local_batch_size: int, axis_name: str | None = None):
