@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from conftest import f32_tol
+from conftest import f32_tol, with_devices
 from lcm_jax import parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def check(objectives: str) -> list[dict]:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(with_devices(os.environ, 8),
                JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests/parallel_check.py"), objectives],
                           env=env, capture_output=True, text=True, timeout=900)
@@ -78,7 +78,6 @@ def test_two_processes_on_localhost_match_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
-    env.pop("XLA_FLAGS", None)
     run = lambda workdir, *extra: subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "tests/tiny_run.py"), str(workdir), *extra], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -15,6 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import tiny_run  # noqa: E402
+from conftest import with_devices  # noqa: E402
 
 ENV = dict(os.environ, WANDB_MODE="disabled", JAX_PLATFORMS="cpu")
 
@@ -143,7 +144,7 @@ def test_resume_across_device_counts(uninterrupted, tmp_path):
     """orbax reshards: a checkpoint written on 8 devices (params FSDP-sharded 8 ways) resumes on
     1, and one written on 1 resumes on 8. Different device counts reduce in another order, so
     the final params match the 1-device run to float32 round-off, not bitwise."""
-    eight = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    eight = with_devices(ENV, 8)
     sharded = ["--config.parallel.fsdp=8", "--config.parallel.data=1", "--config.parallel.fsdp_min_size=0"]
     ref = load_params(uninterrupted)
     for name, first, then in (("8_to_1", eight, ENV), ("1_to_8", ENV, eight)):
