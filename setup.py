@@ -30,6 +30,6 @@ setup(
         # torch + diffusers are test-time references only: lcm_jax never imports them.
         # nbclient + ipykernel + matplotlib run notebooks/ in the tests; scikit-image checks SSIM.
         "dev": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "peft", "nbclient",
-                "nbformat", "ipykernel", "matplotlib", "scikit-image"],
+                "nbformat", "ipykernel", "matplotlib", "scikit-image", "filelock"],
     },
 )

@@ -44,6 +44,30 @@ def tiny_sd_folders(tmp):
 
 
 SETUP = {"sd_lcm_sampling.ipynb": tiny_sd_folders}  # inputs a notebook reads, made before it runs
+# Notebooks that start from README command 1's VAE + teacher ({tmp}/chain): they get a copy of one
+# tiny chain trained once per test run (deterministic, so the same one each would train).
+CHAIN_USERS = ("quickstart.ipynb", "train_on_tpu.ipynb", "smooth_interpolation.ipynb", "tcd_vs_lcm.ipynb")
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory):
+    """configs/digits_lcd.py:tiny's VAE and teacher stages, trained once for the whole run: the
+    xdist workers share the folder (the first trains it under a file lock, the other waits)."""
+    import filelock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by the workers
+    path = root / "tiny_chain"
+    with filelock.FileLock(str(root / "tiny_chain.lock")):
+        if not (path / "teacher" / "DONE").exists():
+            from configs import digits_lcd
+            from lcm_jax import data, teachers
+
+            config = digits_lcd.get_config("tiny")
+            pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size,
+                                          seed=config.seed)
+            teachers.train_chained(config, str(path), pipeline.arrays["image"], pipeline.arrays["label"])
+    return path
 
 
 def test_every_notebook_has_tiny_parameters():
@@ -51,13 +75,17 @@ def test_every_notebook_has_tiny_parameters():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs(path, tmp_path, monkeypatch):
+def test_notebook_runs(path, tmp_path, monkeypatch, request):
     nb = nbformat.read(path, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
         f"{path} carries outputs: strip them (jupyter nbconvert --clear-output --inplace)"
     index = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(index) == 1, f"{path} needs exactly one cell tagged 'parameters'"
     SETUP.get(os.path.basename(path), lambda tmp: None)(tmp_path)
+    if os.path.basename(path) in CHAIN_USERS:
+        import shutil
+
+        shutil.copytree(request.getfixturevalue("tiny_chain"), tmp_path / "chain")
     values = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
               for k, v in TINY[os.path.basename(path)].items()}
     source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
