@@ -72,4 +72,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from lcm_jax import errors
+
+    errors.cli_main(main)  # bad input: one line, exit 2

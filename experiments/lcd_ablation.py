@@ -82,4 +82,6 @@ def table(results: dict, ks, solvers, eval_steps) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from lcm_jax import errors
+
+    errors.cli_main(main)  # bad input: one line, exit 2

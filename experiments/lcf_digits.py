@@ -121,4 +121,6 @@ def table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from lcm_jax import errors
+
+    errors.cli_main(main)  # bad input: one line, exit 2

@@ -201,4 +201,6 @@ def tables(results: dict, t_breaks) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from lcm_jax import errors
+
+    errors.cli_main(main)  # bad input: one line, exit 2
