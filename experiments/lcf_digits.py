@@ -58,7 +58,7 @@ def main():
     import numpy as np
 
     from configs import digits_lcf
-    from lcm_jax import config_checks, data, teachers, train
+    from lcm_jax import config_checks, data, paths, teachers, train
     from lcm_jax.data import digits
     from lcm_jax.eval import digits_metrics, sampling
     from lcm_jax.objectives.lcf import LCFObjective
@@ -101,8 +101,7 @@ def main():
     pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed)
     final = train.run(config, os.path.join(args.out, "run"), objective, pipeline)
     results["after"] = scores(final.ema_params)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    paths.write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
     print(table(results))
 
 

@@ -113,7 +113,7 @@ def main():
     import numpy as np
 
     from configs import digits_smooth
-    from lcm_jax import config_checks, editing, teachers
+    from lcm_jax import config_checks, editing, paths, teachers
     from lcm_jax.data import digits
     from lcm_jax.eval import digits_metrics
     from lcm_jax.objectives.smooth import SmoothObjective
@@ -158,9 +158,7 @@ def main():
     to01 = lambda x: (np.clip(np.asarray(x), -1, 1) + 1.0) / 2.0
     results["vae"] = {"psnr": float(np.mean(image_metrics.psnr(to01(rec), to01(test_images)))),
                       "ssim": float(np.mean(image_metrics.ssim(to01(rec), to01(test_images))))}
-    os.makedirs(args.out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    paths.write_atomic(path, json.dumps(results, indent=2))
     if "base" in strips:
         save_strip(os.path.join(args.out, "strip.png"), strips["base"], strips.get("lambda_1.0"), args.pairs)
     print(tables(results))
