@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from lcm_jax import config_loading, models, paths, train
+from lcm_jax.errors import UserError
 from lcm_jax.data import digits
 from lcm_jax.diffusion import schedule as sched
 from lcm_jax.objectives import conditioning
@@ -211,6 +212,16 @@ def save_params(path: str, params) -> None:
 
 
 def load_params(path: str, template):
+    """Params saved by `save_params`, checked leaf by leaf against `template` (a cached stage
+    trained under another model config is refused, not half-loaded)."""
     from flax import serialization
 
-    return serialization.from_bytes(template, paths.path(path).read_bytes())
+    params = serialization.from_bytes(template, paths.path(path).read_bytes())
+    differences = train.leaf_differences(train.leaves(params), train.leaves(template))
+    if differences:
+        raise UserError(
+            f"{path} holds params of another model than this config builds ({len(differences)} "
+            f"leaves differ: {'; '.join(differences[:3])}): it was trained and cached under "
+            f"other model fields (see config.json beside it). Revert those fields, or use a new "
+            f"--workdir to train the chain again.")
+    return params

@@ -126,7 +126,7 @@ class Checkpointer:
             saved = self._saved_leaves(step)
             if saved is None:
                 continue  # unreadable: restore() moves it aside and tries the previous one
-            differences = leaf_differences(saved, _leaves(abstract_state))
+            differences = leaf_differences(saved, leaves(abstract_state))
             if differences:
                 raise CheckpointMismatch(
                     f"{self.manager.directory} holds step {step} of a run whose state differs "
@@ -140,7 +140,7 @@ class Checkpointer:
         try:
             with _quiet_absl():
                 metadata = self.ocp.StandardCheckpointer().metadata(self.path(step) / "state")
-            return _leaves(metadata.item_metadata) or None  # orbax reads garbage as empty
+            return leaves(metadata.item_metadata) or None  # orbax reads garbage as empty
         except Exception:  # noqa: BLE001 -- unreadable metadata: a corrupt checkpoint
             return None
 
@@ -171,7 +171,7 @@ class Checkpointer:
         self.manager.reload()
 
 
-def _leaves(tree) -> dict:
+def leaves(tree) -> dict:
     """{'params/blocks_0/attn/kernel': leaf} for a TrainState, its abstract shape or orbax's
     metadata of it (dataclass fields, dict keys and sequence indices all become names)."""
     tree = flax.serialization.to_state_dict(tree)
@@ -367,8 +367,8 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
     # A changed model stops here, before anything is renamed or written.
     restored = checkpointer.restore(program.checkpoint_target())
     start = 0 if restored is None else int(parallel.to_host(restored[0].step))
-    record_config(config, workdir, start)
     program.compile()
+    record_config(config, workdir, start)  # once the config is known to build and compile
     if restored is None:
         state = program.init_fn(jax.random.PRNGKey(config.seed))
     else:

@@ -100,3 +100,19 @@ def test_truncated_files_are_named_by_every_loader(tmp_path):
     (tmp_path / "sd" / "text_encoder" / "config.json").write_text('{"hidden_size": 8,')
     with pytest.raises(UserError, match="config.json is not valid JSON"):
         convert.read_config(str(tmp_path / "sd" / "text_encoder"))
+
+
+def test_a_cached_stage_of_another_model_is_refused(tmp_path):
+    """The digits chain reuses finished stages: a changed model field must not half-load them."""
+    import jax
+    import jax.numpy as jnp
+
+    from lcm_jax import teachers
+    from lcm_jax.errors import UserError
+
+    params = {"dense": {"kernel": jnp.zeros((4, 32)), "bias": jnp.zeros((32,))}}
+    teachers.save_params(str(tmp_path / "ema_params.msgpack"), params)
+    wider = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[:-1] + (48,), a.dtype), params)
+    with pytest.raises(UserError, match=r"dense/kernel saved \(4, 32\) float32, now \(4, 48\).*new --workdir"):
+        teachers.load_params(str(tmp_path / "ema_params.msgpack"), wider)
+    assert teachers.load_params(str(tmp_path / "ema_params.msgpack"), params)["dense"]["kernel"].shape == (4, 32)
