@@ -1,10 +1,14 @@
-"""Where distillation teachers come from: `objectives.lcd.Teacher` from a config.
+"""Where the frozen networks objectives start from come from: an `objectives.parts.Base`.
 
   from_pretrained(config)          a local diffusers Stable Diffusion folder (SD 1.x, 2.x, SDXL):
                                    UNet, VAE, text encoder(s), tokenizer(s), scheduler config.
   train_chained(config, workdir)   the embedded default: a KL autoencoder and a class-conditional
                                    latent teacher trained on digits first, each in its own
                                    sub-workdir (W/vae, W/teacher) and skipped on a rerun.
+  distilled_from_chained(...)      the student a digits LCD run distilled (LCF's LCM).
+
+`w_embedding_dim` (given for full-parameter consistency students) adds `Base.student_net`: the
+same network with the guidance-scale embedding input.
 """
 from __future__ import annotations
 
@@ -21,21 +25,17 @@ from lcm_jax.errors import UserError
 from lcm_jax.data import digits
 from lcm_jax.diffusion import schedule as sched
 from lcm_jax.objectives import conditioning
-from lcm_jax.objectives.lcd import Teacher
+from lcm_jax.objectives.parts import Base
 
 log = logging.getLogger("lcm_jax")
-
-
-def w_embedding_dim(config) -> int:
-    return (config.get("lcd", None) or {}).get("w_embedding_dim", 256)
 
 
 # ==============================================================================================
 # Stable Diffusion folders
 # ==============================================================================================
 
-def from_pretrained(config) -> Teacher:
-    """SD teacher from `config.model.pretrained` (a diffusers pipeline folder). The scheduler
+def from_pretrained(config, w_embedding_dim: int | None = None) -> Base:
+    """The SD network of `config.model.pretrained` (a diffusers pipeline folder). The scheduler
     config gives the noise schedule; its prediction type must match config.diffusion's."""
     from lcm_jax.models import clip_text, convert, unet, vae
 
@@ -70,20 +70,11 @@ def from_pretrained(config) -> Teacher:
                                              clip_text.load_tokenizer(sub("tokenizer")),
                                              prompts, clip_skip)
     student = None
-    if config.objective == "lcf":  # the folder holds the LCM that LCF fine-tunes
-        dim = unet_module.config.time_cond_proj_dim
-        if dim != w_embedding_dim(config):
-            raise ValueError(
-                f"LCF fine-tunes a distilled LCM, but {folder}/unet has time_cond_proj_dim={dim} "
-                f"and config.lcd.w_embedding_dim={w_embedding_dim(config)}: point "
-                f"config.model.pretrained at an LCM folder (e.g. LCM_Dreamshaper_v7) and set "
-                f"w_embedding_dim to its time_cond_proj_dim.")
-    elif config.objective in ("lcd", "tcd") and not config.lcd.get("lora"):
-        student_config = dict(convert.read_config(sub("unet")),
-                              time_cond_proj_dim=w_embedding_dim(config))
+    if w_embedding_dim:
+        student_config = dict(convert.read_config(sub("unet")), time_cond_proj_dim=w_embedding_dim)
         student = models.Denoiser(unet.from_config(student_config, dtype=dtype, remat=remat,
                                                    attention=attention))
-    return Teacher(models.Denoiser(unet_module), unet_params, schedule, prediction_type, cond,
+    return Base(models.Denoiser(unet_module), unet_params, schedule, prediction_type, cond,
                    (size, size, unet_module.config.in_channels), vae_module, vae_params, student)
 
 
@@ -152,19 +143,25 @@ def train_teacher(config, workdir: str, latents: np.ndarray, labels: np.ndarray)
     return net, load_params(weights, template), objective.schedule, c
 
 
-def train_chained(config, workdir: str, images: np.ndarray, labels: np.ndarray) -> Teacher:
+def train_chained(config, workdir: str, images: np.ndarray, labels: np.ndarray,
+                  w_embedding_dim: int | None = None) -> Base:
     """VAE -> latent cache -> latent teacher, each skipped when its sub-workdir says DONE."""
     from lcm_jax.data import latents as latent_cache
 
     vae_module, vae_params = train_vae(config, workdir, images)
     latents = latent_cache.encode(vae_module, vae_params, images)
     net, params, schedule, c = train_teacher(config, workdir, latents, labels)
-    student = models.make_model(c.model, latents.shape[-1], w_embedding_dim(config))
-    return Teacher(net, params, schedule, c.diffusion.prediction_type,
-                   conditioning.ClassConditioning(c.model.num_classes,
-                                                  digits.captions(np.arange(c.model.num_classes))),
-                   latents.shape[1:],
-                   vae_module, vae_params, student)
+    student = None
+    if w_embedding_dim:
+        student = models.make_model(c.model, latents.shape[-1], w_embedding_dim)
+    return Base(net, params, schedule, c.diffusion.prediction_type, digits_conditioning(c),
+                latents.shape[1:], vae_module, vae_params, student)
+
+
+def digits_conditioning(stage) -> conditioning.ClassConditioning:
+    """Class labels of the digits chain; the captions name the classes (image folders)."""
+    classes = stage.model.num_classes
+    return conditioning.ClassConditioning(classes, digits.captions(np.arange(classes)))
 
 
 def student_path(workdir: str) -> str:
@@ -177,9 +174,9 @@ def smooth_path(workdir: str) -> str:
     return os.path.join(workdir, "smooth", "params.msgpack")
 
 
-def distilled_from_chained(config, workdir: str) -> Teacher:
+def distilled_from_chained(config, workdir: str, w_embedding_dim: int) -> Base:
     """The student that command 1 distilled in `workdir` (its EMA params, its VAE, its class
-    conditioning), as the Teacher record LCF starts from: net = the w-conditioned student."""
+    conditioning), as the Base LCF starts from: net = the w-conditioned student."""
     from lcm_jax.models import vae as vae_lib
 
     path = student_path(workdir)
@@ -191,16 +188,16 @@ def distilled_from_chained(config, workdir: str) -> Teacher:
     c = config_loading.stage_config(config, "teacher_stage")
     side = config.data.image_size // vae_module.config.factor
     latent_shape = (side, side, vae_module.config.latent_channels)
-    net = models.make_model(c.model, latent_shape[-1], w_embedding_dim(config))
+    net = models.make_model(c.model, latent_shape[-1], w_embedding_dim)
     x = jax.ShapeDtypeStruct((1,) + latent_shape, np.float32)
     ints = jax.ShapeDtypeStruct((1,), np.int32)
     template = jax.eval_shape(net.init, jax.random.PRNGKey(0), x, ints, ints,
-                              jax.ShapeDtypeStruct((1, w_embedding_dim(config)), np.float32))
+                              jax.ShapeDtypeStruct((1, w_embedding_dim), np.float32))
     from lcm_jax.objectives.diffusion import schedule_from_config
 
-    return Teacher(net, load_params(path, template), schedule_from_config(c.diffusion), c.diffusion.prediction_type,
-                   conditioning.ClassConditioning(c.model.num_classes, digits.captions(
-                       np.arange(c.model.num_classes))), latent_shape, vae_module, vae_params, net)
+    return Base(net, load_params(path, template), schedule_from_config(c.diffusion),
+                c.diffusion.prediction_type, digits_conditioning(c), latent_shape, vae_module,
+                vae_params, net)
 
 
 def save_params(path: str, params) -> None:

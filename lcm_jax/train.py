@@ -4,15 +4,9 @@
 state, shardings from parallel.py, compiled ahead of time so errors and memory are known before
 the first batch), orbax checkpoints (periodic, on SIGTERM, resumed from `workdir` by itself,
 falling back past a corrupt newest one), metric writers (clu, metrics.jsonl, W&B), fixed-seed
-sample grids, a progress bar, and a NaN guard. It never branches on which objective runs: an
-objective gives
-  frozen                                          the networks it uses but does not train (a
-                                                  teacher, a VAE, a LoRA base): a pytree, {} if none
-  init_state(rng, frozen) -> TrainState
-  train_step(state, batch, frozen, axis_name=None) -> (state, metrics)
-  sample_fn(params, frozen, rng, num_images, sample_config) -> (images in [-1, 1], labels)
-  prepare_batch(batch) -> batch                   optional, on the host (e.g. tokenize captions)
-The frozen networks enter the compiled step as an input (never baked in as constants), laid out
+sample grids, a progress bar, and a NaN guard. It never branches on which objective runs: it
+calls the `lcm_jax.objectives.Objective` contract (frozen, prepare_batch, init_state,
+train_step, sample_fn). The frozen networks enter the compiled step as an input (never baked in as constants), laid out
 like the params; they are not checkpointed: the objective reloads them from their source.
 """
 from __future__ import annotations
@@ -280,7 +274,7 @@ class Program:
     def __init__(self, config, objective, example_batch: dict, devices=None, compile=True):
         self.mode = config.parallel.get("mode", "jit")
         self.objective = objective
-        self.prepare_batch = getattr(objective, "prepare_batch", lambda batch: batch)
+        self.prepare_batch = objective.prepare_batch
         example_batch = self.prepare_batch(example_batch)
         init = objective.init_state
         # The networks the step reads but never trains, stored in model.param_dtype (bfloat16 halves
@@ -354,7 +348,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
         on_step: Callable[[int], None] | None = None,
         on_trained: Callable[[TrainState], None] | None = None):
     """Train to config.total_steps (resuming from `workdir` if it holds checkpoints); returns
-    the final TrainState. `evaluate(params, frozen) -> dict` runs at the end (and every
+    the final TrainState. `evaluate(step, params, frozen) -> dict` runs at the end (and every
     `config.eval.every_steps` when set, on the EMA params); `on_step(step)` is called
     after every step (tests use it to inject failures); `on_trained(final)` runs once the final
     checkpoint is on disk and before the final evaluation (exports: a failing evaluation then
@@ -415,7 +409,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
                 writers.images(step, "samples", image_grid(parallel.to_host(images)),
                                workdir / f"samples_{step:07d}.png")
             if evaluate is not None and eval_every and step % eval_every == 0 and not is_last:
-                writers.results(step, evaluate(program.host_state(state).ema_params,
+                writers.results(step, evaluate(step, program.host_state(state).ema_params,
                                                program.sample_frozen))
             if stop["signal"]:
                 log.warning("Stopped by signal %s at step %d; checkpoint saved.", stop["signal"], step)
@@ -427,7 +421,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
             on_trained(final)
         if evaluate is not None:
             try:
-                results = evaluate(final.ema_params, program.sample_frozen)
+                results = evaluate(total, final.ema_params, program.sample_frozen)
             except Exception:
                 log.error("The run is trained and checkpointed (step %d in %s), but its final "
                           "evaluation failed; fix the cause and redo it with experiments/"

@@ -21,6 +21,8 @@ from lcm_jax.diffusion import solvers
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 SAMPLERS = ("ddim", "dpm_solver", "dpm_solver_pp", "dpm_solver_singlestep", "lcm", "tcd")
+STOCHASTIC = ("lcm", "tcd")  # re-noise between steps: they take an `rng` (DDIM too when eta > 0)
+FEW_STEP = ("lcm", "tcd")  # their steps come from a consistency model's skip grid
 
 
 def guided(apply_fn: Callable, cond, uncond, guidance_scale: float) -> ModelFn:

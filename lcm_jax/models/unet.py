@@ -240,11 +240,13 @@ def abstract_params(module: UNet2DConditionModel, sample_size: int = 8, context_
     import jax
 
     c = module.config
-    args = _example_inputs(c, 1, sample_size, context_len)
+    args = example_inputs(c, 1, sample_size, context_len)
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args[:2], **args[2]))["params"]
 
 
-def _example_inputs(c: UNetConfig, b: int, size: int, context_len: int):
+def example_inputs(c: UNetConfig, b: int, size: int, context_len: int):
+    """(x, t, keyword inputs): zeros shaped as what a UNet of config `c` is called with (text
+    embeddings, class labels, the w-embedding, SDXL's pooled embedding and time ids)."""
     kw = {"encoder_hidden_states": jnp.zeros((b, context_len, c.cross_attention_dim))}
     if c.num_class_embeds is not None:
         kw["class_labels"] = jnp.zeros((b,), jnp.int32)

@@ -29,12 +29,15 @@ class AutoencoderObjective:
         self.tx = common.make_optimizer(config.optimizer, config.total_steps)
         self.frozen = {}
 
+    def prepare_batch(self, batch: dict) -> dict:
+        return batch
+
     def init_state(self, rng, frozen=None) -> TrainState:
         init_rng, rng = jax.random.split(rng)
         params = self.module.init(init_rng, jnp.zeros((1,) + self.image_shape))["params"]
         return TrainState.create(params, self.tx, rng)
 
-    def loss(self, params, batch, rng, axis_name=None):
+    def loss(self, params, state, batch, frozen, rng, axis_name=None):
         x = batch["image"]
         mean, logvar = self.module.apply({"params": params}, x, method="encode")
         keys = common.example_keys(rng, x.shape[0], axis_name)
@@ -44,20 +47,20 @@ class AutoencoderObjective:
         mse = jnp.mean((recon.astype(jnp.float32) - x) ** 2)
         kl = jnp.mean(0.5 * jnp.sum(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3)))
         loss = mse + self.config.vae_kl_weight * kl
-        return loss, {"loss": loss, "mse": mse, "kl": kl}
+        return loss, ({"loss": loss, "mse": mse, "kl": kl}, state.stats)
 
     def train_step(self, state: TrainState, batch, frozen=None, axis_name: str | None = None):
-        rng = jax.random.fold_in(state.rng, state.step)
-        (_, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
-            state.params, batch, rng, axis_name)
-        return common.apply_gradients(state, grads, metrics, self.tx, self.config.ema_decay,
-                                      axis_name)
+        return common.train_step(self.loss, state, batch, frozen, axis_name, self.tx,
+                                 self.config.ema_decay)
 
     def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
         """Reconstructions (posterior means) of the first examples, next to the originals."""
         x = jnp.asarray(self.examples[:num_images // 2])
         recon = self.module.apply({"params": params}, x)
         return jnp.clip(jnp.concatenate([x, recon]), -1.0, 1.0), jnp.zeros((2 * len(x),), jnp.int32)
+
+    def save_outputs(self, workdir: str, params) -> None:
+        """The chain exports the VAE folder itself (teachers.train_vae)."""
 
 
 def latent_statistics(module, params, images: np.ndarray, batch_size: int = 500) -> dict:

@@ -1,4 +1,5 @@
-"""Pieces every objective's train step shares: the optimizer, EMA, per-example randomness."""
+"""Pieces every objective's train step shares: the step itself, the optimizer, EMA, per-example
+randomness, and running a named sampler."""
 from __future__ import annotations
 
 import numbers
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from lcm_jax import parallel
+from lcm_jax.diffusion import samplers
 
 
 def learning_rate(opt_config, total_steps: int):
@@ -81,6 +83,30 @@ def apply_gradients(state, grads, metrics: dict, tx, ema_decay: float, axis_name
                                   state.ema_params)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema_params), metrics
+
+
+def train_step(loss_fn, state, batch, frozen, axis_name, tx, ema_decay: float):
+    """THE train step: the loss and its gradient at the step's key, then `apply_gradients`.
+
+    `loss_fn(params, state, batch, frozen, rng, axis_name) -> (loss, (metrics, stats))`: `stats`
+    is the state's running statistics after this step (`state.stats` when it keeps none); the
+    state carries them, checkpointed with the params."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    (_, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state, batch, frozen, rng, axis_name)
+    state, metrics = apply_gradients(state, grads, metrics, tx, ema_decay, axis_name)
+    return state.replace(stats=stats), metrics
+
+
+def run_sampler(sample_config, model_fn, x, schedule, prediction_type: str, rng, **defaults):
+    """`sample_config.sampler` for `num_steps` from `x`: its `sampler_kwargs` over `defaults`,
+    and the per-step noise from `rng` (folded, so that it never repeats x's draw) for the
+    samplers that re-noise (LCM, TCD, DDIM with eta > 0)."""
+    kwargs = {**defaults, **(sample_config.get("sampler_kwargs", None) or {})}
+    if sample_config.sampler in samplers.STOCHASTIC or kwargs.get("eta"):
+        kwargs["rng"] = jax.random.fold_in(rng, 1)
+    return samplers.sample(sample_config.sampler, model_fn, x, schedule, sample_config.num_steps,
+                           prediction_type=prediction_type, **kwargs)
 
 
 def example_keys(rng, local_batch_size: int, axis_name: str | None = None):

@@ -9,16 +9,51 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lcm_jax import config_rules as rules
 from lcm_jax.diffusion import samplers
 from lcm_jax.diffusion import schedule as sched
 from lcm_jax.objectives import common
+from lcm_jax.objectives.parts import Network
 from lcm_jax.train import TrainState
+
+# Every objective on a DDPM noise schedule (all but edm) reads these.
+REQUIRED = ("diffusion.prediction_type", "diffusion.num_train_timesteps")
+SAMPLERS = samplers.SAMPLERS
+EXPORT = None  # a plain diffusion model has no diffusers form here
+DIGITS_EVALUATION = "samples"
+
+
+def build(config, workdir: str, pipeline) -> "DiffusionObjective":
+    from lcm_jax import models, train
+
+    image_shape = train.peek(pipeline)["image"].shape[1:]
+    return DiffusionObjective(config, models.make_model(config.model, image_shape[-1]), image_shape)
+
+
+def config_problems(config):
+    """The `diffusion` section: the noise schedule, the prediction type, dropout, weighting."""
+    if rules.get(config, "diffusion.beta_schedule", None) is None and \
+            rules.get(config, "diffusion.trained_betas", None) is None:
+        yield (f"config.diffusion.beta_schedule is missing; set it to one of "
+               f"{sched.BETA_SCHEDULES} (or give diffusion.trained_betas).")
+    yield from rules.choice(config, "diffusion.prediction_type", sched.PREDICTION_TYPES,
+                            "prediction type")
+    if rules.get(config, "diffusion.trained_betas", None) is None:
+        yield from rules.choice(config, "diffusion.beta_schedule", sched.BETA_SCHEDULES,
+                                "beta schedule")
+    yield from rules.at_least(config, "diffusion.num_train_timesteps", 2,
+                              fix="set it to an integer >= 2, e.g. 1000")
+    yield from rules.in_unit_interval(config, "diffusion.cond_drop_prob",
+                                      "the probability of dropping the condition", 0.1)
+    yield from rules.positive(config, "diffusion.min_snr_gamma", allow_none=True)
 
 
 def schedule_from_config(diffusion_config) -> sched.Schedule:
-    return sched.make_schedule(diffusion_config.beta_schedule, diffusion_config.num_train_timesteps,
+    return sched.make_schedule(diffusion_config.get("beta_schedule", "linear"),
+                               diffusion_config.num_train_timesteps,
                                diffusion_config.get("beta_start", 0.00085),
-                               diffusion_config.get("beta_end", 0.012))
+                               diffusion_config.get("beta_end", 0.012),
+                               trained_betas=diffusion_config.get("trained_betas", None))
 
 
 def min_snr_weight(snr, gamma, prediction_type: str):
@@ -33,7 +68,7 @@ def min_snr_weight(snr, gamma, prediction_type: str):
 
 class DiffusionObjective:
     def __init__(self, config, model, image_shape):
-        self.config, self.model = config, model
+        self.config, self.network = config, Network(model)
         self.image_shape = tuple(image_shape)  # (H, W, C)
         self.diffusion = config.diffusion
         self.schedule = schedule_from_config(config.diffusion)
@@ -42,26 +77,30 @@ class DiffusionObjective:
         self.frozen = {}  # nothing frozen: trained from scratch
 
     # -- what the loop needs ----------------------------------------------------------------
+    def prepare_batch(self, batch: dict) -> dict:
+        return batch
+
     def init_state(self, rng, frozen=None) -> TrainState:
         init_rng, rng = jax.random.split(rng)
         x = jnp.zeros((1,) + self.image_shape)
-        params = self.model.init(init_rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+        params = self.network.denoiser.init(init_rng, x, jnp.zeros((1,), jnp.int32),
+                                            jnp.zeros((1,), jnp.int32))
         return TrainState.create(params, self.tx, rng)
 
     def train_step(self, state: TrainState, batch, frozen=None, axis_name: str | None = None):
-        step_rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, batch, step_rng, axis_name)
-        return common.apply_gradients(state, grads, metrics, self.tx, self.config.ema_decay,
-                                      axis_name)
+        return common.train_step(self.loss, state, batch, frozen, axis_name, self.tx,
+                                 self.config.ema_decay)
 
     def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
         """Class-conditional samples cycling through the classes: (images in [-1, 1], labels)."""
         labels = jnp.arange(num_images, dtype=jnp.int32) % self.null_class
         return self.sample(params, rng, labels, sample_config), labels
 
+    def save_outputs(self, workdir: str, params) -> None:
+        """Nothing beyond the checkpoints."""
+
     # -- the math ---------------------------------------------------------------------------
-    def loss(self, params, batch, rng, axis_name=None):
+    def loss(self, params, state, batch, frozen, rng, axis_name=None):
         x0 = batch["image"]
         keys = common.example_keys(rng, x0.shape[0], axis_name)
         t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0,
@@ -72,26 +111,21 @@ class DiffusionObjective:
         labels = jnp.where(drop, self.null_class, batch["label"])
         alpha, sigma = self.schedule.alpha_sigma(t)
         x_t = sched.add_noise(x0, eps, alpha, sigma)
-        out = self.model.apply(params, x_t, t, labels)
+        out = self.network.denoiser.apply(params, x_t, t, labels)
         target = sched.from_x0_eps(x0, eps, alpha, sigma, self.diffusion.prediction_type)
         mse = jnp.mean((out.astype(jnp.float32) - target) ** 2, axis=tuple(range(1, x0.ndim)))
         weight = min_snr_weight((alpha / sigma) ** 2, self.diffusion.get("min_snr_gamma"),
                                 self.diffusion.prediction_type)
         loss = jnp.mean(weight * mse)
-        return loss, {"loss": loss, "mse": jnp.mean(mse)}
-
-    def apply_fn(self, params):
-        return lambda x, t, labels: self.model.apply(params, x, t, labels)
+        return loss, ({"loss": loss, "mse": jnp.mean(mse)}, state.stats)
 
     def sample(self, params, rng, labels, sample_config):
         x = jax.random.normal(rng, (labels.shape[0],) + self.image_shape)
-        model_fn = samplers.guided(self.apply_fn(params), labels,
-                                   jnp.full_like(labels, self.null_class),
+        model_fn = samplers.guided(lambda x, t, y: self.network.denoiser.apply(params, x, t, y),
+                                   labels, jnp.full_like(labels, self.null_class),
                                    sample_config.guidance_scale)
-        kwargs = {"rng": jax.random.fold_in(rng, 1)} if sample_config.sampler in ("lcm", "tcd") else {}
-        if sample_config.sampler == "ddim":  # pixel-space DDPM teachers: no SD steps_offset
-            kwargs.update(steps_offset=0, set_alpha_to_one=True)
-        out = samplers.sample(sample_config.sampler, model_fn, x, self.schedule,
-                              sample_config.num_steps,
-                              prediction_type=self.diffusion.prediction_type, **kwargs)
+        # Pixel-space DDPM teachers: DDIM without SD's steps_offset, ending at abar = 1.
+        defaults = dict(steps_offset=0, set_alpha_to_one=True) if sample_config.sampler == "ddim" else {}
+        out = common.run_sampler(sample_config, model_fn, x, self.schedule,
+                                 self.diffusion.prediction_type, rng, **defaults)
         return jnp.clip(out, -1.0, 1.0)

@@ -25,11 +25,57 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lcm_jax import config_rules as rules
 from lcm_jax.diffusion import edm
 from lcm_jax.diffusion import samplers
 from lcm_jax.models import lego
 from lcm_jax.objectives import common
+from lcm_jax.objectives.parts import LatentSpace, Network
 from lcm_jax.train import TrainState
+
+REQUIRED = ("edm",)
+SAMPLERS = ("heun",)  # diffusion/edm.py
+EXPORT = None  # LEGO / DiT backbones have no diffusers form
+DIGITS_EVALUATION = "samples"
+
+
+def build(config, workdir: str, pipeline) -> "EDMObjective":
+    """The backbone of config.model on the pipeline's images, or on the latents of the frozen
+    VAE folder `config.model.vae`."""
+    from lcm_jax import models, train
+
+    image_shape = train.peek(pipeline)["image"].shape[1:]
+    channels = image_shape[-1]
+    if config.model.get("vae"):  # a latent model: the VAE's latent channels
+        from lcm_jax.models import convert
+
+        channels = convert.read_config(config.model.vae).get("latent_channels", 4)
+    return EDMObjective(config, models.make_model(config.model, channels), image_shape)
+
+
+def config_problems(config):
+    """The `edm` section (EDM-preconditioned training, LEGO's): noise distribution, dropout,
+    patch subsampling, the backbone, and LEGO's brick skipping at sampling time."""
+    yield from rules.positive(config, "edm.sigma_data")
+    yield from rules.positive(config, "edm.p_std")
+    yield from rules.in_unit_interval(config, "edm.cond_drop_prob",
+                                      "the probability of dropping the label", 0.1)
+    fraction = rules.get(config, "edm.tile_fraction")
+    if rules.present(fraction) and (not rules.is_real(fraction) or not 0 < fraction <= 1):
+        yield rules.bad("edm.tile_fraction", fraction, "must be in (0, 1] (the share of each "
+                        "patch brick's tiles computed per example)",
+                        "use 1.0 to compute all tiles, e.g. 0.5")
+    if rules.get(config, "model.name") not in ("dit", "lego"):
+        yield rules.bad("model.name", rules.get(config, "model.name"),
+                        "is not trained by objective 'edm'", "use 'lego' or 'dit'")
+    for section in ("sample", "eval"):
+        t_break = rules.get(config, f"{section}.t_break")
+        if rules.present(t_break) and (not rules.is_real(t_break) or not 0 <= t_break <= 1):
+            yield rules.bad(f"{section}.t_break", t_break, "must be a fraction of the sampling "
+                            "trajectory in [0, 1]", "e.g. 0.5 (T/2); 0 turns skipping off")
+        if rules.present(t_break) and t_break and rules.get(config, "model.name") != "lego":
+            yield rules.bad(f"{section}.t_break", t_break, "skips a LEGO brick but "
+                            f"config.model.name is {rules.get(config, 'model.name')!r}", "set it to 0")
 
 
 def skip_schedule(num_steps: int, t_break: float, phase: str) -> tuple[int, int]:
@@ -46,45 +92,46 @@ def skip_schedule(num_steps: int, t_break: float, phase: str) -> tuple[int, int]
 
 class EDMObjective:
     def __init__(self, config, model, image_shape):
-        self.config, self.model = config, model
-        self.image_shape = tuple(image_shape)  # (H, W, C) of training
+        self.config, self.network = config, Network(model)
+        self.image_shape = tuple(image_shape)  # (H, W, C) of training (latent: the VAE's)
         self.edm = config.edm
         self.sigma_data = self.edm.get("sigma_data", edm.SIGMA_DATA)
         self.null_class = config.model.num_classes
         self.tx = common.make_optimizer(config.optimizer, config.total_steps)
         self.stack = getattr(model.module, "stack", None)  # LEGO bricks, or None
         self.frozen = {}  # trained from scratch; a latent model's frozen VAE
-        self.vae = None
+        vae = None
         if config.model.get("vae"):
             from lcm_jax.models import vae as vae_lib
 
-            self.vae, self.frozen["vae"] = vae_lib.from_pretrained(config.model.vae)
-            f, (h, w, _) = self.vae.config.factor, self.image_shape
-            self.image_shape = (h // f, w // f, self.vae.config.latent_channels)
+            vae, self.frozen["vae"] = vae_lib.from_pretrained(config.model.vae)
+            f, (h, w, _) = vae.config.factor, self.image_shape
+            self.image_shape = (h // f, w // f, vae.config.latent_channels)
+        self.latent = LatentSpace(self.image_shape, vae)  # DiT and LEGO train on posterior draws
 
     # -- what the loop needs ----------------------------------------------------------------
+    def prepare_batch(self, batch: dict) -> dict:
+        return batch
+
     def init_state(self, rng, frozen=None) -> TrainState:
         init_rng, rng = jax.random.split(rng)
         x = jnp.zeros((1,) + self.image_shape)
         labels = jnp.zeros((1,), jnp.int32) if self.null_class else None
-        params = self.model.init(init_rng, x, jnp.zeros((1,)), labels)
+        params = self.network.denoiser.init(init_rng, x, jnp.zeros((1,)), labels)
         return TrainState.create(params, self.tx, rng)
 
     def train_step(self, state: TrainState, batch, frozen=None, axis_name: str | None = None):
-        step_rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, batch, step_rng, axis_name, frozen)
-        return common.apply_gradients(state, grads, metrics, self.tx, self.config.ema_decay,
-                                      axis_name)
+        return common.train_step(self.loss, state, batch, frozen, axis_name, self.tx,
+                                 self.config.ema_decay)
 
     def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
         """Class-conditional samples cycling through the classes: (images in [-1, 1], labels)."""
         labels = (jnp.arange(num_images, dtype=jnp.int32) % self.null_class if self.null_class
                   else jnp.zeros((num_images,), jnp.int32))  # unconditional: 0 for the grids
-        x = self.sample(params, rng, labels, sample_config)
-        if self.vae is not None:
-            x = self.vae.decode_latents(frozen["vae"], x)
-        return jnp.clip(x, -1.0, 1.0), labels
+        return self.latent.decode(frozen, self.sample(params, rng, labels, sample_config)), labels
+
+    def save_outputs(self, workdir: str, params) -> None:
+        """Nothing beyond the checkpoints."""
 
     # -- the math ---------------------------------------------------------------------------
     def tile_counts(self) -> list[int | None]:
@@ -99,20 +146,13 @@ class EDMObjective:
             counts.append(None if n == 1 else max(1, int(round(fraction * n))))
         return counts
 
-    def clean(self, batch, frozen, draw):
-        """x0: cached latents, the VAE's posterior draw of the images, or the images."""
-        if "latents" in batch:
-            return batch["latents"].astype(jnp.float32)
-        if self.vae is None:
-            return batch["image"].astype(jnp.float32)
-        noise = draw(3 + len(self.stack or ()), lambda k: jax.random.normal(k, self.image_shape))
-        return self.vae.encode_to_latents(frozen["vae"], batch["image"], noise=noise)
-
-    def loss(self, params, batch, rng, axis_name=None, frozen=None):
+    def loss(self, params, state, batch, frozen, rng, axis_name=None):
         b = batch["latents" if "latents" in batch else "image"].shape[0]
         keys = common.example_keys(rng, b, axis_name)
         draw = lambda i, f: jax.vmap(lambda k: f(jax.random.fold_in(k, i)))(keys)
-        x0 = self.clean(batch, frozen, draw)
+        posterior_noise = None if self.latent.vae is None or "latents" in batch else \
+            draw(3 + len(self.stack or ()), lambda k: jax.random.normal(k, self.image_shape))
+        x0 = self.latent.encode(batch, frozen, posterior_noise).astype(jnp.float32)
         sigma = draw(0, lambda k: edm.training_sigma(k, (), self.edm.get("p_mean", edm.P_MEAN),
                                                      self.edm.get("p_std", edm.P_STD)))
         noise = draw(1, lambda k: jax.random.normal(k, x0.shape[1:]))
@@ -131,7 +171,7 @@ class EDMObjective:
                 None if m is None else draw(3 + k, lambda key, n=lego.num_tiles(brick, h, w), m=m:
                                             jax.random.permutation(key, n)[:m])
                 for k, (brick, m) in enumerate(zip(self.stack, counts))])
-        outs = self.model.outputs(params, c_in[:, None, None, None] * x, c_noise, labels, **kwargs)
+        outs = self.network.denoiser.outputs(params, c_in[:, None, None, None] * x, c_noise, labels, **kwargs)
         # Uncomputed tiles equal the target exactly: the mean over all pixels / the computed share
         # is the mean over the computed tiles.
         shares = [1.0 if m is None else m / lego.num_tiles(brick, *self.image_shape[:2])
@@ -141,12 +181,12 @@ class EDMObjective:
         metrics = {"loss": loss}
         if len(per_brick) > 1:
             metrics.update({f"loss_brick{k}": l for k, l in enumerate(per_brick)})
-        return loss, metrics
+        return loss, (metrics, state.stats)
 
     def denoise_fn(self, params, labels, guidance_scale: float, num_bricks: int | None = None):
         """D(x, sigma) under classifier-free guidance (one batched call of 2B)."""
         kwargs = {} if num_bricks is None else {"num_bricks": num_bricks}
-        net = lambda x, c_noise, y: self.model.apply(params, x, c_noise, y, **kwargs)
+        net = lambda x, c_noise, y: self.network.denoiser.apply(params, x, c_noise, y, **kwargs)
         denoise = edm.denoiser(net, self.sigma_data)
         if not self.null_class:  # unconditional
             return lambda x, sigma: denoise(x, sigma, None)

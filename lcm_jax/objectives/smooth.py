@@ -27,12 +27,50 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lcm_jax import config_rules as rules
 from lcm_jax.diffusion import samplers
 from lcm_jax.diffusion import schedule as sched
 from lcm_jax.models import lora
-from lcm_jax.objectives import common
-from lcm_jax.objectives.lcd import Teacher
+from lcm_jax.objectives import Export, common, diffusion
+from lcm_jax.objectives.parts import Base, Network
 from lcm_jax.train import TrainState
+
+REQUIRED, SAMPLERS = diffusion.REQUIRED, diffusion.SAMPLERS
+EXPORT = Export(network="smooth", lora_section="smooth", full_pipeline=False,
+                chain=lambda config, workdir: config.smooth.get("teacher_workdir") or workdir)
+DIGITS_EVALUATION = "samples"
+
+
+def build(config, workdir: str, pipeline) -> "SmoothObjective":
+    """A local SD folder (config.model.pretrained), or the digits teacher of README command 1
+    (the chain in config.smooth.teacher_workdir, trained there first if it is not yet)."""
+    import os
+
+    from lcm_jax import teachers
+
+    if config.model.get("pretrained"):
+        return SmoothObjective(config, teachers.from_pretrained(config))
+    chain = os.path.expanduser(config.smooth.get("teacher_workdir") or workdir)
+    return SmoothObjective(config, teachers.train_chained(config, chain, pipeline.arrays["image"],
+                                                          pipeline.arrays["label"]))
+
+
+def config_problems(config):
+    """The `smooth` section: the regulariser's weight and decay, the LoRA, the base network."""
+    yield from diffusion.config_problems(config)
+    if not rules.get(config, "smooth", None):
+        yield ("config.smooth is missing; objective 'smooth' needs it (lambda_reg, decay, lora: "
+               "see configs/digits_smooth.py or configs/sd15_smooth.py).")
+        return
+    yield from rules.at_least(config, "smooth.lambda_reg", 0, integer=False, fix="e.g. 1.0 (the paper)")
+    decay = rules.get(config, "smooth.decay")
+    if rules.present(decay) and (not rules.is_real(decay) or not 0 < decay <= 1):
+        yield rules.bad("smooth.decay", decay, "must be in (0, 1] (the running mean's rate)", "e.g. 0.01")
+    drop = rules.get(config, "smooth.cond_drop_prob")
+    if rules.present(drop) and (not rules.is_real(drop) or not 0 <= drop <= 1):
+        yield rules.bad("smooth.cond_drop_prob", drop, "must be in [0, 1]", "e.g. 0.0 (the recipe) or 0.1")
+    yield from rules.lora(config, "smooth", "e.g. 8 (the recipe)")
+    yield from rules.sd_folder(config, "Smooth Diffusion fine-tunes a", "configs/sd15_smooth.py")
 
 
 def variation_penalty(lengths, mean, decay: float, axis_name: str | None = None):
@@ -44,17 +82,16 @@ def variation_penalty(lengths, mean, decay: float, axis_name: str | None = None)
 
 
 class SmoothObjective:
-    def __init__(self, config, base: Teacher):
+    def __init__(self, config, base: Base):
         self.config, self.base = config, base
         self.smooth = config.smooth
-        self.net, self.schedule = base.net, base.schedule
-        self.prediction_type = base.prediction_type
+        self.schedule, self.prediction_type = base.schedule, base.prediction_type
         self.conditioning = base.conditioning
         self.lora = self.smooth.get("lora") or None
+        self.network = Network(base.net, self.lora)
+        self.latent = base.latent_space(self.smooth.get("sample_posterior", True))
         self.tx = common.make_optimizer(config.optimizer, config.total_steps)
-        self.frozen = {"base": base.params, **self.conditioning.frozen}
-        if base.vae is not None:
-            self.frozen["vae"] = base.vae_params
+        self.frozen = base.frozen()
 
     # -- what the loop needs ----------------------------------------------------------------
     def prepare_batch(self, batch: dict) -> dict:
@@ -63,48 +100,44 @@ class SmoothObjective:
     def init_state(self, rng, frozen) -> TrainState:
         init_rng, rng = jax.random.split(rng)
         if self.lora:
-            params = lora.init(init_rng, frozen["base"],
-                               self.lora.get("targets", lora.ATTENTION_TARGETS), self.lora.rank)
+            params = self.network.init_adapters(init_rng, frozen, lora.ATTENTION_TARGETS)
         else:
             params = frozen["base"]
         return TrainState.create(params, self.tx, rng, stats={"variation_mean": jnp.zeros((), jnp.float32)})
 
     def train_step(self, state: TrainState, batch, frozen, axis_name: str | None = None):
-        rng = jax.random.fold_in(state.rng, state.step)
-        (loss, (metrics, mean)), grads = jax.value_and_grad(self.loss, has_aux=True)(
-            state.params, state.stats["variation_mean"], batch, frozen, rng, axis_name)
-        state, metrics = common.apply_gradients(state, grads, metrics, self.tx,
-                                                self.config.ema_decay, axis_name)
-        return state.replace(stats={"variation_mean": mean}), metrics
+        return common.train_step(self.loss, state, batch, frozen, axis_name, self.tx,
+                                 self.config.ema_decay)
 
     def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
         """Samples of the fine-tuned model under classifier-free guidance, decoded."""
         cond, uncond, labels = self.conditioning.sample_conditions(frozen, num_images)
-        z = jax.random.normal(rng, (num_images,) + self.base.latent_shape)
-        model_fn = samplers.guided(self.apply_fn(self.model_params(params, frozen)), cond, uncond,
-                                   sample_config.guidance_scale)
-        kwargs = dict(sample_config.get("sampler_kwargs", None) or {})
-        if sample_config.sampler in ("tcd", "lcm"):
-            kwargs["rng"] = jax.random.fold_in(rng, 1)
-        latents = samplers.sample(sample_config.sampler, model_fn, z, self.schedule,
-                                  sample_config.num_steps, prediction_type=self.prediction_type,
-                                  **kwargs)
-        return self.decode(frozen, latents), labels
+        z = jax.random.normal(rng, (num_images,) + self.latent.shape)
+        net_params = self.network.params(params, frozen)
+        model_fn = samplers.guided(lambda x, t, c: self.network.denoiser.apply(net_params, x, t, c),
+                                   cond, uncond, sample_config.guidance_scale)
+        latents = common.run_sampler(sample_config, model_fn, z, self.schedule,
+                                     self.prediction_type, rng)
+        return self.latent.decode(frozen, latents), labels
+
+    def save_outputs(self, workdir: str, params) -> None:
+        """W/smooth/params.msgpack (the LoRA factors or the full params, for lcm_jax), and for LoRA
+        runs on an SD folder pytorch_lora_weights.safetensors (diffusers'
+        pipe.load_lora_weights(W/smooth))."""
+        import os
+
+        from lcm_jax import teachers
+
+        teachers.save_params(teachers.smooth_path(workdir), params)
+        if self.lora and self.config.model.get("pretrained") and jax.process_index() == 0:
+            lora.save(os.path.dirname(teachers.smooth_path(workdir)), params,
+                      self.lora.get("alpha", self.lora.rank))
 
     # -- the math ---------------------------------------------------------------------------
-    def model_params(self, params, frozen):
-        """The network's parameters (LoRA: the base with the adapters, lora.adapted)."""
-        if not self.lora:
-            return params
-        return lora.adapted(frozen["base"], params, self.lora)
-
-    def apply_fn(self, params):
-        return lambda x, t, cond: self.net.apply(params, x, t, cond)
-
     def draws(self, rng, batch_size: int, axis_name=None) -> dict:
         """Per example: t, eps, the probe's normal draw, condition dropout, VAE posterior noise;
         keyed by the example's global index (the same on any device layout)."""
-        shape = self.base.latent_shape
+        shape = self.latent.shape
         keys = common.example_keys(rng, batch_size, axis_name)
         one = lambda k: dict(
             t=jax.random.randint(jax.random.fold_in(k, 0), (), 0, self.schedule.num_train_timesteps),
@@ -114,29 +147,20 @@ class SmoothObjective:
             posterior_noise=jax.random.normal(jax.random.fold_in(k, 4), shape))
         return jax.vmap(one)(keys)
 
-    def latents(self, batch, frozen, posterior_noise):
-        """Cached latents, the VAE's (a posterior draw or the mean), or pixels (no VAE)."""
-        if "latents" in batch:
-            return batch["latents"]
-        if self.base.vae is None:
-            return batch["image"]
-        noise = posterior_noise if self.smooth.get("sample_posterior", True) else None
-        return self.base.vae.encode_to_latents(frozen["vae"], batch["image"], noise=noise)
-
-    def loss(self, params, variation_mean, batch, frozen, rng, axis_name=None):
-        """eps-MSE + lambda * penalty; aux: (metrics, the new running mean)."""
+    def loss(self, params, state, batch, frozen, rng, axis_name=None):
+        """eps-MSE + lambda * penalty; aux: (metrics, the state's stats with the new running mean)."""
         batch_size = next(iter(batch.values())).shape[0]
         d = self.draws(rng, batch_size, axis_name)
-        z = self.latents(batch, frozen, d["posterior_noise"])
+        z = self.latent.encode(batch, frozen, d["posterior_noise"])
         cond, uncond = self.conditioning.encode(batch, frozen)
         drop = lambda c: d["drop"].reshape(d["drop"].shape + (1,) * (c.ndim - 1))
         cond = jax.tree.map(lambda c, u: jnp.where(drop(c), u, c), cond, uncond)
         alpha, sigma = self.schedule.alpha_sigma(d["t"])
-        net_params = self.model_params(params, frozen)
+        net_params = self.network.params(params, frozen)
 
         def x0_hat(eps):  # the map eps -> x_t -> x0_hat whose VJP the penalty measures
             x_t = sched.add_noise(z, eps, alpha, sigma)
-            out = self.net.apply(net_params, x_t, d["t"], cond)
+            out = self.network.denoiser.apply(net_params, x_t, d["t"], cond)
             x0, _ = sched.to_x0_eps(out, x_t, alpha, sigma, self.prediction_type)
             return x0, out
 
@@ -144,16 +168,11 @@ class SmoothObjective:
         probe = d["probe"] * sched.broadcast(sigma, z) / math.sqrt(math.prod(z.shape[1:]))
         (g,) = pullback(probe)
         lengths = jnp.sqrt(jnp.sum(g.astype(jnp.float32) ** 2, axis=tuple(range(1, z.ndim))))
-        penalty, new_mean = variation_penalty(lengths, variation_mean,
+        penalty, new_mean = variation_penalty(lengths, state.stats["variation_mean"],
                                               self.smooth.get("decay", 0.01), axis_name)
         target = sched.from_x0_eps(z, d["eps"], alpha, sigma, self.prediction_type)
         mse = jnp.mean((out.astype(jnp.float32) - target) ** 2)
         loss = mse + self.smooth.lambda_reg * penalty
         metrics = {"loss": loss, "mse": mse, "variation_penalty": penalty,
                    "variation_length": jnp.mean(lengths), "variation_mean": new_mean}
-        return loss, (metrics, new_mean)
-
-    def decode(self, frozen, latents):
-        if self.base.vae is None:
-            return jnp.clip(latents, -1.0, 1.0)
-        return jnp.clip(self.base.vae.decode_latents(frozen["vae"], latents), -1.0, 1.0)
+        return loss, (metrics, {"variation_mean": new_mean})

@@ -1,0 +1,297 @@
+"""The consistency family (LCD, TCD, LCF) as ONE objective and ONE compiled train step,
+parameterised by a `Strategy`: how the pair (x_{t_{n+k}}, x_hat_{t_n}) is made, and where the
+boundary function maps to. lcd.py, tcd.py and lcf.py each hold one strategy and its docs.
+
+Per step, inside one XLA program (donated state, the shardings of parallel.py):
+  1. latents z (VAE-encoded here, a posterior draw or the mean, or `batch["latents"]`) and the
+     condition c; per example a grid index n on the skip grid (k = T / N), a guidance scale
+     w ~ U[w_min, w_max] and noise; x_{t_{n+k}} = alpha_t z + sigma_t noise;
+  2. x_hat at s = t_n by the strategy: the teacher's CFG-augmented solver step (LCD, TCD) or the
+     forward process with the same noise (LCF);
+  3. d(g_theta(x_{t_{n+k}}, t_{n+k}), g_theta^-(x_hat_{t_n}, t_n)) with g the consistency
+     function f(x, w, c, t) = c_skip(t) x + c_out(t) x0(F(x, t, c, emb(w))) (LCD, LCF) or TCD's
+     trajectory consistency function f(x, t, s_end) (`Strategy.end_time`), the target network
+     theta^- the EMA or the online params under stop_gradient, the same w-embedding on both;
+  4. L2 or pseudo-Huber distance, gradient clipping + AdamW, EMA theta^- <- mu theta^- + (1-mu) theta.
+
+Teacher outputs are converted to (x0, eps) for their prediction type before any solver step: a
+v-prediction teacher's raw output is never used as noise (the official LCD code's bug).
+
+Full mode (`lcd.lora` None) trains a copy of the base with a new, zero-initialised
+`time_cond_proj` input for the w-embedding (`Base.student_net`). LoRA mode (LCM-LoRA) keeps ONE
+base network: the teacher is the base, the student base + LoRA (applied next to each base
+kernel: one base copy), the target base + stop_gradient(LoRA) (`lcd.target = "online"`, as
+LCM-LoRA) or base + EMA(LoRA); there is no w-embedding, guidance is applied at sampling time.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from lcm_jax import config_rules as rules
+from lcm_jax.diffusion import consistency as cm
+from lcm_jax.diffusion import samplers, solvers
+from lcm_jax.diffusion import schedule as sched
+from lcm_jax.errors import UserError
+from lcm_jax.models import convert, lora
+from lcm_jax.objectives import common, diffusion
+from lcm_jax.objectives.conditioning import concat
+from lcm_jax.objectives.parts import Base, Network
+from lcm_jax.train import TrainState
+
+TARGETS = ("ema", "online")  # lcd.target: the target network theta^-
+LOSSES = ("l2", "huber")  # lcd.loss
+REQUIRED = diffusion.REQUIRED
+SAMPLERS = samplers.SAMPLERS
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """What one member of the family changes.
+
+    previous_point(objective, frozen, draws, z, x_t, t, s, cond, uncond) -> x_hat_s: the
+        target's input at s = t_n (under stop_gradient).
+    end_time(key, n, grid) -> s_end, per example: the trajectory consistency function's end
+        point; None: the consistency function, which maps to the data.
+    teacher: whether the base is a teacher that can be sampled (the few-step baselines).
+    student_sampler: the few-step sampler its students are evaluated with."""
+    previous_point: Callable
+    end_time: Callable | None = None
+    teacher: bool = True
+    student_sampler: str = "lcm"
+
+
+def teacher_step(objective, frozen, draws, z, x_t, t, s, cond, uncond):
+    """x_hat at t_n: the teacher's CFG-augmented solver step from t_{n+k} (LCD, TCD)."""
+    return objective.solve(frozen["base"], x_t, t, s, cond, uncond, draws["w"])
+
+
+def distance(pred, target, loss: str, huber_c: float):
+    """Elementwise mean of (pred - target)^2, or of sqrt((pred - target)^2 + c^2) - c."""
+    d = pred.astype(jnp.float32) - target.astype(jnp.float32)
+    if loss == "l2":
+        return jnp.mean(d ** 2)
+    if loss == "huber":
+        return jnp.mean(jnp.sqrt(d ** 2 + huber_c ** 2) - huber_c)
+    raise ValueError(f"config.lcd.loss={loss!r}; use one of {LOSSES}.")
+
+
+class ConsistencyObjective:
+    def __init__(self, config, base: Base, strategy: Strategy):
+        self.config, self.base, self.strategy = config, base, strategy
+        self.lcd = lcd = config.lcd
+        self.schedule = base.schedule
+        self.grid = sched.skip_grid(self.schedule.num_train_timesteps, lcd.num_ddim_timesteps)
+        self.lora = lcd.get("lora") or None
+        self.target = lcd.get("target", "online" if self.lora else "ema")
+        if self.target not in TARGETS:
+            raise UserError(f"config.lcd.target={self.target!r}; use one of {TARGETS}.")
+        student = base.net if self.lora else base.student_net
+        if student is None:
+            raise UserError("A full-parameter consistency student needs Base.student_net (the "
+                            "base with the w-embedding input): build the base with "
+                            "teachers.from_pretrained(config, w_embedding_dim=...).")
+        self.network = Network(student, self.lora)
+        self.latent = base.latent_space(lcd.get("sample_posterior", True))
+        self.conditioning = base.conditioning
+        self.scalings = dict(sigma_data=lcd.get("sigma_data", 0.5),
+                             timestep_scaling=lcd.get("timestep_scaling", 10.0))
+        self.tx = common.make_optimizer(config.optimizer, config.total_steps)
+        self.frozen = base.frozen()
+
+    # -- what the loop needs ----------------------------------------------------------------
+    def prepare_batch(self, batch: dict) -> dict:
+        return self.conditioning.prepare_batch(batch)
+
+    def init_state(self, rng, frozen) -> TrainState:
+        init_rng, rng = jax.random.split(rng)
+        if self.lora:
+            params = self.network.init_adapters(init_rng, frozen, lora.LCM_LORA_TARGETS)
+        else:
+            params = self._student_from(init_rng, frozen)
+        return TrainState.create(params, self.tx, rng)
+
+    def train_step(self, state: TrainState, batch, frozen, axis_name: str | None = None):
+        return common.train_step(self.loss, state, batch, frozen, axis_name, self.tx,
+                                 self.config.ema_decay)
+
+    def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
+        """Few-step samples of the student (`params`: its EMA), decoded: (images, labels)."""
+        cond, uncond, labels = self.conditioning.sample_conditions(frozen, num_images)
+        z = jax.random.normal(rng, (num_images,) + self.latent.shape)
+        g = sample_config.guidance_scale
+        if self.lora:  # no w-embedding: classifier-free guidance at sampling time
+            student = self.network.params(params, frozen)
+            model_fn = samplers.guided(lambda x, t, c: self.network.denoiser.apply(student, x, t, c),
+                                       cond, uncond, g)
+        else:  # pipelines embed w = guidance_scale - 1; one conditional call per step
+            w_emb = self.w_embedding(jnp.full((num_images,), g - 1.0))
+            model_fn = lambda x, t: self.network.denoiser.apply(params, x, t, cond, w_emb)
+        defaults = {}
+        if sample_config.sampler in samplers.FEW_STEP:
+            defaults = dict(original_inference_steps=self.lcd.num_ddim_timesteps)
+            defaults.update(self.scalings if sample_config.sampler == "lcm"
+                            else dict(gamma=sample_config.get("gamma", 0.3)))
+        latents = common.run_sampler(sample_config, model_fn, z, self.schedule,
+                                     self.base.prediction_type, rng, **defaults)
+        return self.latent.decode(frozen, latents), labels
+
+    def teacher_sample_fn(self, frozen, rng, num_images: int, sample_config):
+        """Baseline samples of the teacher (DDIM / DPM-Solver(++)) under CFG, decoded."""
+        if not self.strategy.teacher:
+            raise UserError("This objective has no teacher to sample (LCF fine-tunes without "
+                            "one); evaluate the LCM with sampler 'lcm' or 'tcd'.")
+        cond, uncond, labels = self.conditioning.sample_conditions(frozen, num_images)
+        z = jax.random.normal(rng, (num_images,) + self.latent.shape)
+        teacher = lambda x, t, c: self.base.net.apply(frozen["base"], x, t, c)
+        model_fn = samplers.guided(teacher, cond, uncond, sample_config.guidance_scale)
+        latents = common.run_sampler(sample_config, model_fn, z, self.schedule,
+                                     self.base.prediction_type, rng)
+        return self.latent.decode(frozen, latents), labels
+
+    def save_outputs(self, workdir: str, params) -> None:
+        """The digits student's EMA params, for LCF to fine-tune (SD runs: experiments/export.py)."""
+        if not self.config.model.get("pretrained"):
+            from lcm_jax import teachers
+
+            teachers.save_params(teachers.student_path(workdir), params)
+
+    # -- the math ---------------------------------------------------------------------------
+    def w_embedding(self, w):
+        return cm.guidance_scale_embedding(w, self.lcd.get("w_embedding_dim", 256))
+
+    def denoise(self, net, params, x, t, cond, w_emb=None):
+        """(x0, eps) from the network's raw output, whatever its prediction type."""
+        out = net.apply(params, x, t, cond, w_emb)
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        return sched.to_x0_eps(out, x, alpha, sigma, self.base.prediction_type)
+
+    def solve(self, teacher_params, x_t, t, s, cond, uncond, w):
+        """The CFG-augmented teacher step (1 + w) Psi(x_t, t, s, c) - w Psi(x_t, t, s, 0),
+        cond and uncond in one batched call (a second one at the midpoint for 2nd order);
+        for DDIM this is x0_w = x0_c + w (x0_c - x0_u), eps_w likewise (the LCM convention)."""
+        both = concat(cond, uncond)
+        double = lambda a: jnp.concatenate([a, a])
+        denoise_fn = lambda x, tt: self.denoise(self.base.net, teacher_params, x, tt, both)
+        x2, t2 = double(x_t), double(t)
+        x0, eps = denoise_fn(x2, t2)
+        psi_c, psi_u = jnp.split(
+            solvers.psi(self.lcd.solver, x2, t2, double(s), x0, eps, denoise_fn, self.schedule), 2)
+        w = sched.broadcast(w, psi_c)
+        return (1.0 + w) * psi_c - w * psi_u
+
+    def boundary(self, params, x, t, cond, w_emb, end):
+        """The function both points of the pair go through: f(x, w, c, t) (end None) or the
+        trajectory consistency function f(x, t, end)."""
+        x0, _ = self.denoise(self.network.denoiser, params, x, t, cond, w_emb)
+        if end is None:
+            return cm.consistency_fn(x, x0, t, **self.scalings)
+        return cm.trajectory_consistency_fn(x, x0, t, end, self.schedule)
+
+    def draws(self, rng, batch_size: int, axis_name=None) -> dict:
+        """Per-example grid index n, guidance scale w, noise, VAE posterior noise and (TCD) the
+        end time, keyed by the example's global index: the same draws on any device layout."""
+        keys = common.example_keys(rng, batch_size, axis_name)
+        shape, grid, end_time = self.latent.shape, self.grid, self.strategy.end_time
+
+        def one(k):
+            n = jax.random.randint(jax.random.fold_in(k, 0), (), 0, len(grid.timesteps))
+            d = dict(n=n, w=jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32,
+                                               self.lcd.w_min, self.lcd.w_max),
+                     noise=jax.random.normal(jax.random.fold_in(k, 2), shape),
+                     posterior_noise=jax.random.normal(jax.random.fold_in(k, 3), shape))
+            if end_time is not None:
+                d["end"] = end_time(jax.random.fold_in(k, 4), n, grid)
+            return d
+        return jax.vmap(one)(keys)
+
+    def loss(self, params, state: TrainState, batch, frozen, rng, axis_name=None):
+        batch_size = next(iter(batch.values())).shape[0]
+        d = self.draws(rng, batch_size, axis_name)
+        z = self.latent.encode(batch, frozen, d["posterior_noise"])
+        cond, uncond = self.conditioning.encode(batch, frozen)
+        t, s = jnp.asarray(self.grid.timesteps)[d["n"]], jnp.asarray(self.grid.prev_timesteps)[d["n"]]
+        x_t = sched.add_noise(z, d["noise"], *self.schedule.alpha_sigma(t))
+        w_emb = None if self.lora else self.w_embedding(d["w"])
+        end = d.get("end")
+
+        x_s = jax.lax.stop_gradient(
+            self.strategy.previous_point(self, frozen, d, z, x_t, t, s, cond, uncond))
+        target_params = jax.lax.stop_gradient(state.ema_params if self.target == "ema" else params)
+        target = self.boundary(self.network.params(target_params, frozen), x_s, s, cond, w_emb, end)
+        pred = self.boundary(self.network.params(params, frozen), x_t, t, cond, w_emb, end)
+        loss = distance(pred, jax.lax.stop_gradient(target), self.lcd.loss,
+                        self.lcd.get("huber_c", 0.001))
+        return loss, ({"loss": loss}, state.stats)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _student_from(self, rng, frozen):
+        """The base plus the new w-embedding projection (`cond_proj`) when it lacks one,
+        zero-initialised (`lcd.zero_init_cond_proj`, default) so that the student starts as the
+        base."""
+        cond, _, _ = self.conditioning.sample_conditions(frozen, 1)
+        x = jnp.zeros((1,) + self.latent.shape)
+        t = jnp.zeros((1,), jnp.int32)
+        fresh = convert.flatten(self.network.denoiser.init(rng, x, t, cond,
+                                                           self.w_embedding(jnp.zeros((1,)))))
+        taught = convert.flatten(frozen["base"])
+        if set(taught) - set(fresh):
+            raise ValueError(f"Params absent from the student: {sorted(set(taught) - set(fresh))[:5]}")
+        zero_new = self.lcd.get("zero_init_cond_proj", True)
+        return convert.unflatten({
+            p: taught[p] if p in taught else (jnp.zeros_like(v) if zero_new else v)
+            for p, v in fresh.items()})
+
+
+# ==============================================================================================
+# What every member's registry module shares: building from a config, its config checks.
+# ==============================================================================================
+
+def base_for(config, workdir: str, pipeline) -> Base:
+    """The teacher, with the student's w-conditioned network in full mode: a local SD folder
+    (config.model.pretrained), else the digits chain of README command 1 (the VAE and latent
+    teacher, trained in `workdir` first and cached there)."""
+    from lcm_jax import teachers
+
+    dim = None if config.lcd.get("lora") else w_embedding_dim(config)
+    if config.model.get("pretrained"):
+        return teachers.from_pretrained(config, w_embedding_dim=dim)
+    return teachers.train_chained(config, workdir, pipeline.arrays["image"],
+                                  pipeline.arrays["label"], dim)
+
+
+def w_embedding_dim(config) -> int:
+    return config.lcd.get("w_embedding_dim", 256)
+
+
+def config_problems(config):
+    """The `lcd` section: guidance range, skip-step grid, solver, loss, target, LoRA."""
+    yield from diffusion.config_problems(config)
+    if not rules.get(config, "lcd", None):
+        yield ("config.lcd is missing; consistency objectives need it (configs/digits_lcd.py "
+               "shows every field).")
+        return
+    w_min, w_max = rules.get(config, "lcd.w_min"), rules.get(config, "lcd.w_max")
+    yield from rules.at_least(config, "lcd.w_min", 0, integer=False)
+    yield from rules.at_least(config, "lcd.w_max", 0, integer=False)
+    if rules.is_real(w_min) and rules.is_real(w_max) and 0 <= w_max < w_min:
+        yield rules.bad("lcd.w_min", w_min, f"is above lcd.w_max={w_max}",
+                        "give w_min <= w_max (guidance scales are drawn from [w_min, w_max])")
+    n, total = rules.get(config, "lcd.num_ddim_timesteps"), rules.get(config, "diffusion.num_train_timesteps")
+    if rules.present(n) and not rules.is_int(n):
+        yield rules.bad("lcd.num_ddim_timesteps", n, "is not an integer", "e.g. 50")
+    elif rules.present(n) and rules.is_int(total) and total >= 2:
+        try:
+            sched.skip_grid(total, n)
+        except ValueError as e:
+            yield f"config.lcd.num_ddim_timesteps: {e}"
+    yield from rules.choice(config, "lcd.solver", solvers.SOLVERS, "solver")
+    yield from rules.choice(config, "lcd.loss", LOSSES, "loss")
+    yield from rules.positive(config, "lcd.huber_c")
+    yield from rules.choice(config, "lcd.target", TARGETS, "target network")
+    yield from rules.lora(config, "lcd", "e.g. 64 (LCM-LoRA)")
+    yield from rules.sd_folder(config, "Stable Diffusion distillation needs the teacher's",
+                               "configs/sd15_lcd.py")
