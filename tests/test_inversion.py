@@ -131,8 +131,9 @@ def test_latent_model_operations_on_a_toy_model():
 
     model = editing.LatentModel(
         apply=lambda p, x, t, labels: toy(x, t) + 0.01 * labels.reshape(-1, 1, 1, 1),
-        uncond_apply=lambda p, null, x, t: toy(x + null, t), params={}, null=jnp.zeros((4, 4)),
-        schedule=SCHEDULE, prediction_type="epsilon", encode=lambda x: x, decode=lambda z: z,
+        uncond_apply=lambda p, null, x, t: toy(x + null, t), params={"net": {}, "vae": {}},
+        null=jnp.zeros((4, 4)), schedule=SCHEDULE, prediction_type="epsilon",
+        encode=lambda p, x: x, decode=lambda p, z: z,
         condition=lambda labels: jnp.asarray(labels, jnp.float32), ddim=editing.SD_DDIM,
         latent_shape=(3, 4, 4), lerp_conditions=False)
     images = jax.random.normal(jax.random.PRNGKey(5), (2, 3, 4, 4))

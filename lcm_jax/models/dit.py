@@ -111,10 +111,11 @@ class FinalLayer(nn.Module):
 
 
 def condition_embedding(t, labels, timestep_cond, *, batch: int, width: int, num_classes: int,
-                        time_cond_proj_dim: int | None, dtype):
+                        time_cond_proj_dim: int | None, dtype, label_embedding=None):
     """c [B, width] = t_embedder(sincos(t) + cond_proj(w-embedding)) + y_embedder(labels), shared
     by DiT and LEGO. Call it inside a compact method: its submodules are the caller's
-    (cond_proj, t_embedder, y_embedder). labels None means the null class."""
+    (cond_proj, t_embedder, y_embedder). labels None means the null class. `label_embedding`
+    [B, width] replaces the table lookup (see `label_embedding`): give it or labels, not both."""
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
     t_freq = timestep_embedding(t, FREQ_DIM)
     if (timestep_cond is None) != (time_cond_proj_dim is None):
@@ -124,7 +125,13 @@ def condition_embedding(t, labels, timestep_cond, *, batch: int, width: int, num
         t_freq = t_freq + nn.Dense(FREQ_DIM, use_bias=False, dtype=dtype, kernel_init=zeros,
                                    name="cond_proj")(timestep_cond)
     c = TimestepEmbedding(width, dtype=dtype, name="t_embedder")(t_freq)
-    if num_classes:
+    if label_embedding is not None:
+        if labels is not None or not num_classes:
+            raise ValueError("label_embedding replaces labels: give it without labels, to a "
+                             "class-conditional model (num_classes > 0).")
+        # Cast as nn.Embed casts its rows: the same sum as the lookup of an equal row.
+        c = c + jnp.asarray(label_embedding, dtype)
+    elif num_classes:
         if labels is None:
             labels = jnp.full((batch,), num_classes, jnp.int32)  # the null class
         c = c + nn.Embed(num_classes + 1, width, dtype=dtype,
@@ -132,6 +139,14 @@ def condition_embedding(t, labels, timestep_cond, *, batch: int, width: int, num
     elif labels is not None:
         raise ValueError("labels were given to an unconditional model (num_classes=0).")
     return c
+
+
+def label_embedding(params, labels):
+    """The label table's rows [..., width] for `labels` (int, [B]) in the params of a DiT (or a
+    LEGO stack: both embed labels with `condition_embedding`), float32 as stored. Passing them
+    as `DiT(...)(x, t, label_embedding=rows)` gives the output of `labels`; another embedding
+    there is a learned condition (null-text inversion starts from the null class's row)."""
+    return jnp.take(params["y_embedder"]["embedding"], jnp.asarray(labels), axis=0)
 
 
 def pos_embed(h: int, w: int, width: int, dtype):
@@ -148,7 +163,8 @@ def unpatchify(x, h: int, w: int, patch_size: int):
 
 class DiT(nn.Module):
     """DiT: x [B, H, W, C], t [B] (int or float timesteps, or a scalar), labels [B] int or None
-    -> [B, H, W, out_channels] float32 (out_channels defaults to C).
+    -> [B, H, W, out_channels] float32 (out_channels defaults to C). Instead of labels, apply
+    (not init) takes `label_embedding` [B, width]: rows of the label table or learned ones.
 
     H and W must be multiples of patch_size; the positions are computed from the actual H, W, so
     the same params apply at other resolutions. `dtype` is the compute dtype; params stay float32.
@@ -171,7 +187,7 @@ class DiT(nn.Module):
         return self.num_classes
 
     @nn.compact
-    def __call__(self, x, t, labels=None, timestep_cond=None):
+    def __call__(self, x, t, labels=None, timestep_cond=None, label_embedding=None):
         b, height, width_px, channels = x.shape
         p = self.patch_size
         if height % p or width_px % p:
@@ -187,7 +203,8 @@ class DiT(nn.Module):
 
         c = condition_embedding(t, labels, timestep_cond, batch=b, width=self.width,
                                 num_classes=self.num_classes,
-                                time_cond_proj_dim=self.time_cond_proj_dim, dtype=self.dtype)
+                                time_cond_proj_dim=self.time_cond_proj_dim, dtype=self.dtype,
+                                label_embedding=label_embedding)
 
         # Explicit names keep the param tree identical with and without remat.
         block = nn.remat(DiTBlock) if self.remat else DiTBlock
