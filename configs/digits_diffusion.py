@@ -1,7 +1,7 @@
 r"""Class-conditional pixel diffusion on the embedded digits (the digits teacher).
 
 Command (README command 1 runs it through experiments/main.py):
-  python experiments/main.py --config configs/digits_diffusion.py --workdir workdirs/digits_diffusion
+  python -m experiments.main --config configs/digits_diffusion.py --workdir workdirs/digits_diffusion
 
 Expected on the 2-core CPU: ~8 min for 4,000 steps at batch 128 (16x16 grey, DiT, patch 4, 1.28M
 params), then DDIM-50 class-conditional samples at guidance 2 classified correctly >= 80% of the

@@ -1,7 +1,7 @@
 r"""Latent Consistency Distillation on the embedded digits, end to end (README command 1).
 
 Command:
-  python experiments/main.py --config configs/digits_lcd.py --workdir workdirs/digits_lcd
+  python -m experiments.main --config configs/digits_lcd.py --workdir workdirs/digits_lcd
 
 Three chained runs, each in its own sub-workdir and skipped on a rerun once done:
   W/vae      a KL autoencoder (16x16x1 -> 8x8x4 latents), exported as a diffusers folder;

@@ -1,6 +1,6 @@
 r"""LCF on digits: consistency fine-tuning of README command 1's LCM on an image folder, no teacher.
 
-  python experiments/main.py --config configs/digits_lcf.py --workdir workdirs/digits_lcf \
+  python -m experiments.main --config configs/digits_lcf.py --workdir workdirs/digits_lcf \
       --config.data.path=DIR --config.lcf.lcm_workdir=workdirs/digits_lcd
 
 DIR holds 16x16 grey images with captions naming their class ("a handwritten digit three", as

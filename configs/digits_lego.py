@@ -1,7 +1,7 @@
 r"""LEGO bricks and their DiT baseline on the embedded digits (16x16 grey, pixel space), from scratch.
 
-  python experiments/main.py --config configs/digits_lego.py:pg --workdir workdirs/lego_pg
-  python experiments/lego_digits.py --out workdirs/lego_digits   # all of them + the tables
+  python -m experiments.main --config configs/digits_lego.py:pg --workdir workdirs/lego_pg
+  python -m experiments.lego_digits --out workdirs/lego_digits   # all of them + the tables
 
 Arguments (comma-separated): one model -- `pg` (progressive growth: tiles 4 -> 8 -> 16),
 `pr` (progressive refinement: 16 -> 8 -> 4), `u` (LEGO-U: 16 -> 4 -> 16) or `dit` (a DiT of

@@ -1,7 +1,7 @@
 r"""Smooth Diffusion on the digits teacher of README command 1 (LoRA on its attention).
 
 Command (the chain of command 1 in workdirs/digits_lcd is reused, or trained there first):
-  python experiments/main.py --config configs/digits_smooth.py --workdir workdirs/digits_smooth
+  python -m experiments.main --config configs/digits_smooth.py --workdir workdirs/digits_smooth
 
 The teacher (a class-conditional latent DiT) is fine-tuned with the eps-MSE + lambda * the
 step-wise variation penalty; LoRA rank 8 on every attention projection (the DiT's fused qkv and

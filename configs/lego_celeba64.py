@@ -1,6 +1,6 @@
 r"""LEGO-S on CelebA 64x64 (unconditional, pixel space), the paper's Table 1 setting.
 
-  python experiments/main.py --config configs/lego_celeba64.py:pg --workdir workdirs/celeba_pg \
+  python -m experiments.main --config configs/lego_celeba64.py:pg --workdir workdirs/celeba_pg \
       --config.data.path=/data/celeba/img_align_celeba
 
 Arguments: `pg` or `pr`. Data: a local folder of the aligned CelebA images (data.name='folder';

@@ -1,14 +1,14 @@
 r"""LEGO-U XL on ImageNet 256x256 in the Stable Diffusion VAE's latent space (32x32x4), the paper's
 Table 3 setting (FID 2.59 with guidance, IS 338).
 
-  python experiments/main.py --config configs/lego_imagenet256.py:/path/to/sd-vae-ft-ema \
+  python -m experiments.main --config configs/lego_imagenet256.py:/path/to/sd-vae-ft-ema \
       --workdir workdirs/in256_u --config.data.data_dir=/data/tensorflow_datasets
 
 The argument is a local diffusers AutoencoderKL folder (nothing is downloaded); the step encodes
 each batch with it (a posterior draw, frozen) and samples are decoded. Stack: `U-32` of
 lcm_jax/models/lego.py (the paper's XL-U depths are not published in our references: U-64 L's
 depths at XL width, 1.12B parameters vs the paper's 1.2B). Recipe: Adam lr 1e-4, batch 512, EDM,
-bf16 compute, remat. Compiled memory: `python experiments/benchmark.py --suite lego_memory`.
+bf16 compute, remat. Compiled memory: `python -m experiments.benchmark --suite lego_memory`.
 Expected (the paper): FID-50k 2.59 and IS 338 with guidance. Not run on this machine.
 """
 from configs import _lego

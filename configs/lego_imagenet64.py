@@ -1,13 +1,13 @@
 r"""LEGO-L on ImageNet 64x64 in pixel space, the paper's Table 2 setting (PG: FID 2.16, PR: 2.29).
 
-  python experiments/main.py --config configs/lego_imagenet64.py:pg --workdir workdirs/in64_pg \
+  python -m experiments.main --config configs/lego_imagenet64.py:pg --workdir workdirs/in64_pg \
       --config.data.data_dir=/data/tensorflow_datasets
 
 Arguments: `pg` or `pr` (LEGO-L stacks of the paper's Table 5), optionally `,xl` or `,s` for the
 other published sizes. Data: tfds `imagenet2012` prepared locally (nothing is downloaded), resized
 to 64 with center crops and random flips. The paper's recipe: Adam lr 1e-4, batch 512, EDM
 preconditioning, bf16 compute with fp32 parameters here, remat on. Parameter counts:
-tests/test_lego.py prints them; compiled memory per device: `python experiments/benchmark.py
+tests/test_lego.py prints them; compiled memory per device: `python -m experiments.benchmark
 --suite lego_memory`. Not run on this machine (no ImageNet, no accelerator).
 Expected (the paper, 8 A100s): FID-50k 2.16 (PG-L) / 2.29 (PR-L) after its full schedule.
 """

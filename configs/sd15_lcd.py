@@ -1,6 +1,6 @@
 r"""SD 1.5, full-parameter LCD (eps, 512^2): the LCM paper's LCM-SD1.5 recipe.
 
-  python experiments/main.py --config configs/sd15_lcd.py:/path/to/stable-diffusion-v1-5 --workdir W
+  python -m experiments.main --config configs/sd15_lcd.py:/path/to/stable-diffusion-v1-5 --workdir W
 
 Expected: compiles ahead of time, then trains at w in [5.0, 15.0], lr 1e-6, batch 16 (not run
 here: no weights on this machine). Data, paper defaults and memory: configs/_sd_lcd.py.

@@ -1,6 +1,6 @@
 r"""LCF: consistency fine-tuning of a distilled SD 1.5 LCM on your own captioned images, no teacher.
 
-  python experiments/main.py --config configs/sd15_lcf.py:/path/to/LCM_Dreamshaper_v7 --workdir W \
+  python -m experiments.main --config configs/sd15_lcf.py:/path/to/LCM_Dreamshaper_v7 --workdir W \
       --config.data.path=/data/pokemon   # images + captions (metadata.jsonl 'text', or .txt sidecars)
 
 The folder is an LCM pipeline (its UNet has time_cond_proj_dim = 256, the w-embedding input),

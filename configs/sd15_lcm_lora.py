@@ -1,6 +1,6 @@
 r"""LCM-LoRA for SD 1.5 (r = 64; one base UNet: teacher = base, student = base + LoRA).
 
-  python experiments/main.py --config configs/sd15_lcm_lora.py:/path/to/stable-diffusion-v1-5 --workdir W
+  python -m experiments.main --config configs/sd15_lcm_lora.py:/path/to/stable-diffusion-v1-5 --workdir W
 
 Expected: compiles ahead of time, then trains at w in [5.0, 15.0], lr 1e-4, batch 16 (not run
 here: no weights on this machine). Data, paper defaults and memory: configs/_sd_lcd.py.

@@ -1,6 +1,6 @@
 r"""Smooth Diffusion's SD 1.5 recipe (arXiv 2312.04410; the official train.sh).
 
-  python experiments/main.py --config configs/sd15_smooth.py:/path/to/stable-diffusion-v1-5 \
+  python -m experiments.main --config configs/sd15_smooth.py:/path/to/stable-diffusion-v1-5 \
       --workdir W --config.data.path='/data/laion/{00000..00099}.tar'
 
 LoRA rank 8 on the attention projections (to_q / to_k / to_v / to_out.0), AdamW lr 1e-4 constant

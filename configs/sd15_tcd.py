@@ -1,6 +1,6 @@
 r"""SD 1.5, full-parameter TCD (Trajectory Consistency Distillation, eps, 512^2).
 
-  python experiments/main.py --config configs/sd15_tcd.py:/path/to/stable-diffusion-v1-5 --workdir W
+  python -m experiments.main --config configs/sd15_tcd.py:/path/to/stable-diffusion-v1-5 --workdir W
 
 The LCD step with the trajectory consistency function (objectives/tcd.py). Defaults: the
 community TCD recipe (TCD's authors released no training code): lr 4e-6, L2 loss, EMA target

@@ -1,6 +1,6 @@
 r"""SD 2.1 (v-prediction, 768^2), full-parameter LCD; the v output becomes (x0, eps) before the solver.
 
-  python experiments/main.py --config configs/sd21_lcd.py:/path/to/stable-diffusion-2-1 --workdir W
+  python -m experiments.main --config configs/sd21_lcd.py:/path/to/stable-diffusion-2-1 --workdir W
 
 Expected: compiles ahead of time, then trains at w in [5.0, 15.0], lr 1e-6, batch 8 (not run
 here: no weights on this machine). Data, paper defaults and memory: configs/_sd_lcd.py.

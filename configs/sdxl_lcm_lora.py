@@ -1,6 +1,6 @@
 r"""LCM-LoRA for SDXL (r = 64; both text encoders, pooled embeds, time ids; zero uncond embeds).
 
-  python experiments/main.py --config configs/sdxl_lcm_lora.py:/path/to/stable-diffusion-xl-base-1.0 --workdir W
+  python -m experiments.main --config configs/sdxl_lcm_lora.py:/path/to/stable-diffusion-xl-base-1.0 --workdir W
 
 Expected: compiles ahead of time, then trains at w in [3.0, 15.0], lr 1e-4, batch 8 (not run
 here: no weights on this machine). Data, paper defaults and memory: configs/_sd_lcd.py.

@@ -1,6 +1,6 @@
 r"""TCD-LoRA for SDXL (r = 64; both text encoders, pooled embeds, time ids; zero uncond embeds).
 
-  python experiments/main.py --config configs/sdxl_tcd_lora.py:/path/to/stable-diffusion-xl-base-1.0 --workdir W
+  python -m experiments.main --config configs/sdxl_tcd_lora.py:/path/to/stable-diffusion-xl-base-1.0 --workdir W
 
 The LCD step with the trajectory consistency function (objectives/tcd.py) on one base UNet, as
 LCM-LoRA (the target is the live adapters under stop_gradient). Defaults: the community TCD

@@ -1,6 +1,6 @@
 r"""Benchmarks: speed and memory measured side by side in one run, printed and saved as JSON.
 
-  python experiments/benchmark.py --suite unet_memory --json OUT.json
+  python -m experiments.benchmark --suite unet_memory --json OUT.json
 
 Suites:
   unet_memory  compiled memory of ONE UNet forward (batch 1, fp32 and bf16 compute) for the
@@ -37,14 +37,11 @@ memory.py, data_loading.py).
 """
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from experiments.benchmarks import data_loading, memory, speed  # noqa: E402
+from experiments import _harness
+from experiments.benchmarks import data_loading, memory, speed
 
 SUITES = {"unet_memory": memory.unet_memory, "lcd_memory": memory.lcd_memory,
           "lego_memory": memory.lego_memory, "lcd_step": speed.lcd_step,
@@ -72,6 +69,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from lcm_jax import errors
-
-    errors.cli_main(main)  # bad input: one line, exit 2
+    _harness.main(main)

@@ -1,9 +1,9 @@
 r"""Consistency distillation studies on the digits teacher of README command 1 (LCD, TCD).
 
-  python experiments/consistency_digits.py --workdir workdirs/digits_lcd --out workdirs/cd_study \
+  python -m experiments.consistency_digits --workdir workdirs/digits_lcd --out workdirs/cd_study \
       --run base --run ema99:ema_decay=0.99 --run tcd:objective=tcd \
       [--steps 1500] [--eval_every 500] [--guidance 1.5,2.5] [--gammas 0,0.3,0.5,1] [--seeds 0]
-  python experiments/consistency_digits.py --workdir workdirs/digits_lcd --out workdirs/cd_study \
+  python -m experiments.consistency_digits --workdir workdirs/digits_lcd --out workdirs/cd_study \
       --teacher --guidance 1,1.5,2,2.5 --seeds 0,1,2
 
 Reuses the VAE and the latent teacher cached in WORKDIR (W/vae, W/teacher; trained first if
@@ -17,65 +17,44 @@ DDIM-50 instead. Results go to OUT/results.json (finished runs are skipped on a 
 as markdown tables.
 """
 import argparse
-import json
 import os
-import re
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import _harness
 
 STEPS = (1, 2, 4, 8)
-
-
-def parse_run(text: str):
-    """'NAME:field=VALUE,field=VALUE' -> (NAME, ['field=VALUE', ...]); VALUEs as --config.FIELD=VALUE
-    takes them (Python literals; a comma splits only before the next 'field=')."""
-    name, _, sets = text.partition(":")
-    return name, [item for item in re.split(r",(?=[A-Za-z_][\w.]*=)", sets) if item]
 
 
 def run_config(overrides, steps: int, arg: str = ""):
     """configs/digits_lcd.py (`arg` 'tiny' for tests) for `steps` steps with `overrides`: a list
     of 'field=VALUE' or a {field: value} dict, checked as main.py checks --config.FIELD=VALUE."""
     from configs import digits_lcd
-    from lcm_jax import config_loading
 
     config = digits_lcd.get_config(arg)
     config.total_steps = steps
     config.checkpoint.update(every_steps=steps, keep=1)
     config.sample.every_steps = steps
     config.wandb.mode = "disabled"
-    if isinstance(overrides, dict):
-        overrides = [f"{k}={v!r}" for k, v in overrides.items()]
-    return config_loading.apply(config, overrides)
+    return _harness.configure(config, overrides)
 
 
 def load_chain(workdir: str):
-    """(configs/digits_lcd.py, its data pipeline, the cached teacher, the FD-digits evaluator)."""
+    """(configs/digits_lcd.py, its data pipeline, the cached teacher with the student's network,
+    the FD-digits evaluator)."""
     from configs import digits_lcd
     from lcm_jax import data, teachers
     from lcm_jax.eval import digits_metrics
+    from lcm_jax.objectives import consistency
 
     base = digits_lcd.get_config()
     pipeline = data.make_pipeline(base.data, global_batch_size=base.batch_size, seed=base.seed)
-    teacher = teachers.train_chained(base, workdir, pipeline.arrays["image"], pipeline.arrays["label"])
+    teacher = teachers.train_chained(base, workdir, pipeline.arrays["image"], pipeline.arrays["label"],
+                                     consistency.w_embedding_dim(base))
     return base, pipeline, teacher, digits_metrics.DigitsEvaluator(base.data.image_size, 1)
 
 
-def load_results(path: str) -> dict:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return json.load(open(path)) if os.path.exists(path) else {}
-
-
-def save_results(path: str, results: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def samplers_for(objective: str, gammas):
-    """(label, sample-config fields) of the student's few-step samplers."""
-    if objective == "tcd":
+def samplers_for(sampler: str, gammas):
+    """(label, sample-config fields) of the student's few-step samplers (TCD's: per gamma)."""
+    if sampler == "tcd":
         return [(f"tcd_g{g}", dict(sampler="tcd", gamma=g)) for g in gammas]
     return [("lcm", dict(sampler="lcm"))]
 
@@ -108,89 +87,76 @@ def main():
 
     import jax
 
-    from lcm_jax import config_checks, train
-    from lcm_jax.objectives.lcd import LCDObjective
-    from lcm_jax.objectives.tcd import TCDObjective
+    from lcm_jax import config_checks, objectives, train
+    from lcm_jax.objectives import consistency
 
     base, pipeline, teacher, evaluator = load_chain(args.workdir)
     guidances = [float(g) for g in args.guidance.split(",")]
     gammas = [float(g) for g in args.gammas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    path = os.path.join(args.out, "results.json")
-    results = load_results(path)
-    save = lambda: save_results(path, results)
+    results = _harness.ResultsFile(os.path.join(args.out, "results.json"))
 
     if args.teacher:
-        objective = LCDObjective(base, teacher)
+        objective = consistency.ConsistencyObjective(base, teacher, objectives.module("lcd").STRATEGY)
         frozen = jax.device_put(objective.frozen)
         teacher_fn = lambda p, f, rng, n, sc: objective.teacher_sample_fn(f, rng, n, sc)
         fields = dict(sampler="ddim", num_steps=base.eval.teacher_steps, sampler_kwargs=dict(
             timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True))
+        scores = results.entry("teacher_ddim50")
         for g in guidances:
             for seed in seeds:
                 key = f"g{g}/seed{seed}"
-                if key not in results.setdefault("teacher_ddim50", {}):
-                    results["teacher_ddim50"][key] = score(teacher_fn, None, frozen, evaluator,
-                                                           fields, g, seed, base)
-                    print("teacher", key, results["teacher_ddim50"][key], flush=True)
-                    save()
+                if key not in scores:
+                    scores[key] = score(teacher_fn, None, frozen, evaluator, fields, g, seed, base)
+                    print("teacher", key, scores[key], flush=True)
+                    results.save()
 
     for text in args.run:
-        name, overrides = parse_run(text)
-        if results.get(name, {}).get("done"):
+        name, overrides = _harness.split_run(text)
+        if results.done(name):
             continue
         config = run_config(overrides, args.steps)
         config_checks.validate(config)
-        objective = (TCDObjective if config.objective == "tcd" else LCDObjective)(config, teacher)
-        current = {"step": 0}
-        record = results[name] = {"overrides": overrides, "steps": args.steps}
+        strategy = objectives.module(config.objective).STRATEGY  # lcd, tcd, lcf
+        objective = consistency.ConsistencyObjective(config, teacher, strategy)
+        record = results.data[name] = {"overrides": overrides, "steps": args.steps, "done": False}
 
-        def evaluate(params, frozen, final=False):
-            if current["step"] == args.steps and not final:
+        def evaluate(step, params, frozen, final=False):
+            if step == args.steps and not final:
                 return {}  # the loop's own end-of-run call: scored below, with every seed
-            at = record.setdefault(str(current["step"]), {})
-            for label, fields in samplers_for(config.objective, gammas):
+            at = record.setdefault(str(step), {})
+            for label, fields in samplers_for(strategy.student_sampler, gammas):
                 for g in guidances:
                     for seed in (seeds if final else seeds[:1]):
                         cell = at.setdefault(f"{label}/g{g}/seed{seed}", {})
                         for n in STEPS:
                             cell[str(n)] = score(objective.sample_fn, params, frozen, evaluator,
                                                  dict(fields, num_steps=n), g, seed, base)
-                        print(name, current["step"], label, g, seed, cell, flush=True)
-            save()
+                        print(name, step, label, g, seed, cell, flush=True)
+            results.save()
             return {}
 
         if args.eval_every:
             config.eval.every_steps = args.eval_every
         pipeline.set_state({"step": 0})
-        final = train.run(config, os.path.join(args.out, name), objective, pipeline,
-                          evaluate=evaluate, on_step=lambda step: current.update(step=step))
-        evaluate(final.ema_params, jax.device_put(objective.frozen), final=True)
-        record["done"] = True
-        save()
-    print(tables(results))
+        final = train.run(config, os.path.join(args.out, name), objective, pipeline, evaluate=evaluate)
+        evaluate(args.steps, final.ema_params, jax.device_put(objective.frozen), final=True)
+        results.finish(name)
+    print(tables(results.data))
 
 
 def tables(results: dict) -> str:
-    lines = []
-    for g_seed, row in sorted(results.get("teacher_ddim50", {}).items()):
-        lines.append(f"teacher DDIM-50 {g_seed}: FD {row['fd']:.2f} ({row['acc']:.1%})")
+    lines = [f"teacher DDIM-50 {g_seed}: FD {_harness.fd_cell(row)}"
+             for g_seed, row in sorted(results.get("teacher_ddim50", {}).items())]
     for name, record in results.items():
         if name == "teacher_ddim50":
             continue
-        lines += [f"\n{name} {record['overrides']}",
-                  "| step | sampler / guidance / seed | " + " | ".join(f"{n} steps" for n in STEPS) + " |",
-                  "|---|---|" + "---|" * len(STEPS)]
-        for step, cells in record.items():
-            if not step.isdigit():
-                continue
-            for key, cell in cells.items():
-                lines.append(f"| {step} | {key} | " + " | ".join(
-                    f"{cell[str(n)]['fd']:.2f} ({cell[str(n)]['acc']:.1%})" for n in STEPS) + " |")
+        rows = [[step, key, *(_harness.fd_cell(cell[str(n)]) for n in STEPS)]
+                for step, cells in record.items() if step.isdigit() for key, cell in cells.items()]
+        lines += [f"\n{name} {record['overrides']}", _harness.markdown_table(
+            ["step", "sampler / guidance / seed", *(f"{n} steps" for n in STEPS)], rows)]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    from lcm_jax import errors
-
-    errors.cli_main(main)  # bad input: one line, exit 2
+    _harness.main(main)

@@ -1,6 +1,6 @@
 r"""A run's model sampled at 1 / 2 / 4 / 8 steps and scored as the LCM paper's tables.
 
-  python experiments/evaluate.py --workdir W [--steps 1,2,4,8] [--num 1000] [--weights ema] \
+  python -m experiments.evaluate --workdir W [--steps 1,2,4,8] [--num 1000] [--weights ema] \
       [--prompts prompts.txt] [--clip CLIP_FOLDER] [--inception INCEPTION.safetensors --ref_stats REF.npz]
 
 - Digits runs (README command 1): FD-digits and classifier accuracy of class-conditional samples.
@@ -15,14 +15,9 @@ Batches are sharded over the local devices along the batch axis.
 """
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import export  # noqa: E402
-
-from lcm_jax import cli_args, errors  # noqa: E402
+from experiments import _harness, export
+from lcm_jax import cli_args, errors, paths
 
 
 def _sharded(x):
@@ -41,6 +36,15 @@ def _require(path: str | None, flag: str, what: str) -> str:
     return path and os.path.expanduser(path)
 
 
+def student_sampler(objective) -> str:
+    """The few-step sampler the run's student is scored with (TCD's for TCD, else LCM's)."""
+    strategy = getattr(objective, "strategy", None)
+    if strategy is None:
+        raise errors.UserError("experiments/evaluate.py scores consistency students (lcd, tcd, lcf) "
+                               "at few steps; a smooth run's results.json holds its evaluation.")
+    return strategy.student_sampler
+
+
 def student_pipeline(config, objective, params):
     """The teacher's SD folder with the run's student in it (full: the w-embedded UNet; LoRA: merged)."""
     import dataclasses
@@ -55,7 +59,7 @@ def student_pipeline(config, objective, params):
     if settings:
         return dataclasses.replace(pipe, scheduler_config=sc, unet_params=lora.merge(
             pipe.unet_params, params, settings.get("alpha", settings.rank)), _programs={})
-    return dataclasses.replace(pipe, unet=objective.student_net.module, unet_params=params,
+    return dataclasses.replace(pipe, unet=objective.network.denoiser.module, unet_params=params,
                                scheduler_config=sc, _programs={})
 
 
@@ -66,7 +70,7 @@ def evaluate_sd(config, objective, params, steps, num, batch_size, prompts, guid
     import tqdm
 
     pipe = student_pipeline(config, objective, params)
-    sampler = "tcd" if config.objective == "tcd" else "lcm"
+    sampler = student_sampler(objective)
     scorer = None
     if clip:
         from lcm_jax.eval import clip_score
@@ -103,7 +107,7 @@ def evaluate_digits(config, objective, params, steps, num, batch_size, guidance,
     from lcm_jax.eval import few_step, sampling
     from lcm_jax.eval.digits_metrics import DigitsEvaluator
 
-    sampler = "tcd" if config.objective == "tcd" else "lcm"
+    sampler = student_sampler(objective)
     evaluator = DigitsEvaluator(config.data.image_size, config.data.get("channels", 1))
     table = {}
     for k in steps:
@@ -142,9 +146,7 @@ def evaluate(workdir, steps=(1, 2, 4, 8), num=None, weights="ema", prompts_file=
         table = evaluate_digits(config, objective, params, steps, num, batch_size, guidance)
     result = {"step": step, "weights": weights, "guidance_scale": guidance, "num_samples": num,
               "table": table}
-    with open(os.path.join(workdir, "evaluation.json.tmp"), "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(os.path.join(workdir, "evaluation.json.tmp"), os.path.join(workdir, "evaluation.json"))
+    paths.write_atomic(paths.path(workdir) / "evaluation.json", json.dumps(result, indent=2))
     return result
 
 
@@ -177,4 +179,4 @@ def main_cli():
 
 
 if __name__ == "__main__":
-    errors.cli_main(main_cli)
+    _harness.main(main_cli)

@@ -1,6 +1,6 @@
 r"""Export a run's newest checkpoint (finished or interrupted) in the formats diffusers loads.
 
-  python experiments/export.py --workdir W --out DIR [--weights ema|online] [--config CFG.py]
+  python -m experiments.export --workdir W --out DIR [--weights ema|online] [--config CFG.py]
 
 The run's config is W/config.json (every run writes it), or --config for an older workdir. DIR gets:
 - full LCD / TCD / LCF on an SD or SDXL folder: a diffusers pipeline folder -- the student UNet
@@ -17,15 +17,11 @@ The run's config is W/config.json (every run writes it), or --config for an olde
 """
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from lcm_jax import cli_args, config_loading, errors, paths  # noqa: E402
+from experiments import _harness
+from lcm_jax import cli_args, config_loading, errors, objectives, paths
 
 TEXT_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-SCHEDULER_CLASS = {"lcd": "LCMScheduler", "lcf": "LCMScheduler", "tcd": "TCDScheduler"}
 # The fields an LCM / TCD scheduler takes from the teacher's scheduler config (its noise schedule).
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                    "prediction_type", "rescale_betas_zero_snr")
@@ -43,27 +39,35 @@ def load_config(workdir: str, config_path: str | None = None):
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def spec(config) -> objectives.Export:
+    """What the run's objective exports (its registry module's EXPORT)."""
+    export = objectives.module(config.objective).EXPORT
+    if export is None:
+        raise errors.UserError(f"objective={config.objective!r}: export covers the distilled and "
+                               "fine-tuned models (objectives with an EXPORT: "
+                               f"{', '.join(n for n in objectives.REGISTRY if objectives.module(n).EXPORT)}); "
+                               "a model trained from scratch here has no diffusers form.")
+    return export
+
+
 def build_objective(config, workdir: str):
     """The run's objective, without training anything: a digits chain must be finished."""
     import jax
 
-    import main
     from lcm_jax import data
 
-    if config.objective not in ("lcd", "tcd", "lcf", "smooth"):
-        raise errors.UserError(f"objective={config.objective!r}: export covers the distilled and fine-tuned "
-                         "models (lcd, tcd, lcf, smooth); a plain digits model has no diffusers form.")
+    export = spec(config)
+    chain = None if config.model.get("pretrained") else export.chain(config, workdir)
+    if chain:
+        missing = [s for s in ("vae", "teacher") if not (paths.path(chain) / s / "DONE").exists()]
+        if missing:
+            raise errors.UserError(f"{chain} has no finished {' / '.join(missing)} stage: finish "
+                                   "the run (rerun the same command) before exporting.")
     pipeline = None
     if not config.model.get("pretrained"):
-        chain = (config.smooth.get("teacher_workdir") or workdir) if config.objective == "smooth" else \
-            config.lcf.lcm_workdir if config.objective == "lcf" else workdir
-        missing = [s for s in ("vae", "teacher") if not (paths.path(chain) / s / "DONE").exists()]
-        if missing and config.objective != "lcf":
-            raise errors.UserError(f"{chain} has no finished {' / '.join(missing)} stage: finish the run "
-                                    "(rerun the same command) before exporting.")
         pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count())
-    return main.build_objective(config, workdir, pipeline)
+    return objectives.build(config, workdir, pipeline)
 
 
 def restore_params(config, workdir: str, objective, weights: str):
@@ -82,15 +86,12 @@ def restore_params(config, workdir: str, objective, weights: str):
 
 
 def lora_settings(config):
-    section = config.get("smooth") if config.objective == "smooth" else config.get("lcd")
-    return (section or {}).get("lora") or None
+    return (config.get(spec(config).lora_section) or {}).get("lora") or None
 
 
 def scheduler_config(config, teacher_folder: str | None) -> dict:
     """An LCMScheduler / TCDScheduler config on the teacher's noise schedule, with the run's skip
     grid as original_inference_steps and its boundary-condition timestep scaling."""
-    from lcm_jax import teachers
-
     lcd = config.get("lcd") or {}
     if lcd.get("sigma_data", 0.5) != 0.5:
         raise errors.UserError(f"config.lcd.sigma_data={lcd.sigma_data}: diffusers' LCM / TCD schedulers fix "
@@ -105,7 +106,7 @@ def scheduler_config(config, teacher_folder: str | None) -> dict:
         teacher = {"num_train_timesteps": d.num_train_timesteps, "beta_start": d.beta_start,
                    "beta_end": d.beta_end, "beta_schedule": d.beta_schedule,
                    "prediction_type": d.prediction_type}
-    return {"_class_name": SCHEDULER_CLASS.get(config.objective, "LCMScheduler"), **teacher,
+    return {"_class_name": spec(config).scheduler or "LCMScheduler", **teacher,
             "original_inference_steps": lcd.get("num_ddim_timesteps", 50),
             "timestep_scaling": lcd.get("timestep_scaling", 10.0), "clip_sample": False,
             "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "leading"}
@@ -117,24 +118,23 @@ def _write_json(path: str, value: dict) -> None:
 
 def export_sd_pipeline(config, params, out: str) -> None:
     """A full student on an SD / SDXL teacher folder -> a diffusers pipeline folder."""
-    from lcm_jax import teachers
     from lcm_jax.models import convert, unet
+    from lcm_jax.objectives import consistency
 
     folder = os.path.expanduser(config.model.pretrained)
     for name in TEXT_COMPONENTS:
         if os.path.isdir(os.path.join(folder, name)):
             paths.copy_tree(os.path.join(folder, name), os.path.join(out, name))
     unet_config = convert.read_config(os.path.join(folder, "unet"))
-    if config.objective != "lcf":  # LCF's folder is already an LCM: its config has the field
-        unet_config["time_cond_proj_dim"] = teachers.w_embedding_dim(config)
+    if spec(config).adds_w_embedding:  # an LCM base (LCF's) has the field already
+        unet_config["time_cond_proj_dim"] = consistency.w_embedding_dim(config)
     unet.save_pretrained(os.path.join(out, "unet"), unet_config, params)
     scheduler = scheduler_config(config, folder)
     _write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler)
     with open(os.path.join(folder, "model_index.json")) as f:
         index = json.load(f)
-    sdxl = "text_encoder_2" in index
-    if config.objective in ("lcd", "lcf") and not sdxl:
-        index["_class_name"] = "LatentConsistencyModelPipeline"
+    if spec(config).pipeline and "text_encoder_2" not in index:  # SDXL keeps its own class
+        index["_class_name"] = spec(config).pipeline
     index["scheduler"] = ["diffusers", scheduler["_class_name"]]
     _write_json(os.path.join(out, "model_index.json"), index)
 
@@ -144,25 +144,23 @@ def export_lora(config, params, out: str, teacher_folder: str | None) -> None:
 
     settings = lora_settings(config)
     lora.save(out, params, settings.get("alpha", settings.rank))
-    if config.objective != "smooth":
+    if spec(config).scheduler:
         _write_json(os.path.join(out, "scheduler", "scheduler_config.json"),
                     scheduler_config(config, teacher_folder))
 
 
 def export_digits(config, objective, params, out: str) -> None:
     """The digits chain: the VAE folder and the trained network (student or smooth)."""
-    from lcm_jax import teachers
     from lcm_jax.models import lora, vae
 
-    teacher = objective.base if config.objective == "smooth" else objective.teacher
-    vae.save_pretrained(os.path.join(out, "vae"), teacher.vae.config.to_dict(), teacher.vae_params)
+    base = objective.base
+    vae.save_pretrained(os.path.join(out, "vae"), base.vae.config.to_dict(), base.vae_params)
     settings = lora_settings(config)
     if settings:  # the digits LoRA merged: the fine-tuned network as a whole
-        params = lora.merge(teacher.params, params, settings.get("alpha", settings.rank))
-    net = teacher.net if config.objective == "smooth" or settings else objective.student_net
-    name = "smooth" if config.objective == "smooth" else "student"
-    export_network(config_loading.stage_config(config, "teacher_stage").model, net, params,
-                   teacher.latent_shape, os.path.join(out, name), scheduler_config(config, None))
+        params = lora.merge(base.params, params, settings.get("alpha", settings.rank))
+    export_network(config_loading.stage_config(config, "teacher_stage").model,
+                   objective.network.denoiser, params, base.latent_shape,
+                   os.path.join(out, spec(config).network), scheduler_config(config, None))
 
 
 def export_network(model_config, net, params, latent_shape, out: str, scheduler: dict) -> None:
@@ -194,9 +192,10 @@ def export(workdir: str, out: str, weights: str = "ema", config=None) -> dict:
         export_lora(config, params, out, os.path.expanduser(pretrained))
         kind = "lora"
     elif pretrained:
-        if config.objective == "smooth":
-            raise errors.UserError("A full (non-LoRA) Smooth Diffusion run on an SD folder: export the UNet "
-                             "with lcm_jax.models.unet.save_pretrained into a copy of the folder.")
+        if not spec(config).full_pipeline:
+            raise errors.UserError(f"A full (non-LoRA) {config.objective} run on an SD folder: export "
+                                   "the UNet with lcm_jax.models.unet.save_pretrained into a copy of "
+                                   "the folder.")
         export_sd_pipeline(config, params, out)
         kind = "pipeline"
     else:
@@ -221,4 +220,4 @@ def main_cli():
 
 
 if __name__ == "__main__":
-    errors.cli_main(main_cli)
+    _harness.main(main_cli)

@@ -1,6 +1,6 @@
 r"""Skip-step ablation (LCM paper, Fig. 3): skip k x solver, FD-digits of the distilled student.
 
-  python experiments/lcd_ablation.py --teacher_workdir workdirs/digits_lcd --out workdirs/lcd_ablation \
+  python -m experiments.lcd_ablation --teacher_workdir workdirs/digits_lcd --out workdirs/lcd_ablation \
       [--steps 300] [--ks 1,5,10,20,50] [--solvers ddim,dpm_solver,dpm_solver_pp] \
       [--config.lcd.w_min=0.5 --config.lcd.w_max=2.5 --config.eval.guidance_scale=2.5]
 
@@ -17,13 +17,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import consistency_digits as study  # noqa: E402
+from experiments import _harness
+from experiments import consistency_digits as study
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher_workdir", required=True)
     parser.add_argument("--out", required=True)
@@ -33,55 +31,51 @@ def main():
     parser.add_argument("--eval_steps", default="2,4")
     from lcm_jax import config_loading
 
-    argv, pinned = config_loading.split_argv(sys.argv[1:])  # --config.FIELD=VALUE, every cell
+    # --config.FIELD=VALUE (main.py's syntax), pinned for every cell: 'FIELD=VALUE' items.
+    argv, pinned = config_loading.split_argv(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
 
     import jax
 
-    from lcm_jax import config_checks, tracking, train
-    from lcm_jax.objectives.lcd import LCDObjective
+    from lcm_jax import config_checks, objectives, tracking, train
+    from lcm_jax.objectives import consistency
 
     base, pipeline, teacher, evaluator = study.load_chain(args.teacher_workdir)
-    path = os.path.join(args.out, "ablation.json")
-    results = study.load_results(path)
+    results = _harness.ResultsFile(os.path.join(args.out, "ablation.json"))
     ks, solvers = [int(k) for k in args.ks.split(",")], args.solvers.split(",")
     for k in ks:
         for solver in solvers:
             cell = f"k{k}_{solver}"
-            if cell in results:
+            if results.done(cell):
                 continue
             config = study.run_config(pinned + [
                 f"lcd.num_ddim_timesteps={base.diffusion.num_train_timesteps // k}",
                 f"lcd.solver={solver}", f"wandb.group={args.out.rstrip('/')}"], args.steps)
             config_checks.validate(config)
-            objective = LCDObjective(config, teacher)
+            strategy = objectives.module(config.objective).STRATEGY  # lcd (tcd if pinned)
+            objective = consistency.ConsistencyObjective(config, teacher, strategy)
             pipeline.set_state({"step": 0})
             final = train.run(config, os.path.join(args.out, cell), objective, pipeline)
             frozen = jax.device_put(objective.frozen)
-            results[cell] = {str(n): study.score(objective.sample_fn, final.ema_params, frozen,
-                                                 evaluator, dict(sampler="lcm", num_steps=n),
-                                                 config.eval.guidance_scale, base.seed, base)
-                             for n in (int(s) for s in args.eval_steps.split(","))}
+            results.set(cell, {str(n): study.score(objective.sample_fn, final.ema_params, frozen,
+                                                   evaluator,
+                                                   dict(sampler=strategy.student_sampler, num_steps=n),
+                                                   config.eval.guidance_scale, base.seed, base)
+                               for n in (int(s) for s in args.eval_steps.split(","))})
             print(cell, results[cell], flush=True)
-            study.save_results(path, results)
-    print(table(results, ks, solvers, args.eval_steps.split(",")))
-    tracking.log_results(study.run_config(pinned, args.steps), args.out, "ablation", results)
+    print(table(results.data, ks, solvers, args.eval_steps.split(",")))
+    tracking.log_results(study.run_config(pinned, args.steps), args.out, "ablation", results.data)
 
 
 def table(results: dict, ks, solvers, eval_steps) -> str:
     lines = []
     for n in eval_steps:
-        lines += [f"\nFD-digits of LCM@{n} (accuracy)\n", "| k | " + " | ".join(solvers) + " |",
-                  "|---|" + "---|" * len(solvers)]
-        for k in ks:
-            cells = [results.get(f"k{k}_{s}", {}).get(n) for s in solvers]
-            lines.append(f"| {k} | " + " | ".join(f"{c['fd']:.2f} ({c['acc']:.3f})" if c else "-"
-                                                 for c in cells) + " |")
+        rows = [[k, *(f"{c['fd']:.2f} ({c['acc']:.3f})" if c else "-"
+                      for c in (results.get(f"k{k}_{s}", {}).get(n) for s in solvers))] for k in ks]
+        lines += [f"\nFD-digits of LCM@{n} (accuracy)\n", _harness.markdown_table(["k", *solvers], rows)]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    from lcm_jax import errors
-
-    errors.cli_main(main)  # bad input: one line, exit 2
+    _harness.main(main)

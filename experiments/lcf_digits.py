@@ -1,7 +1,7 @@
 r"""LCF demonstration: fine-tune README command 1's LCM on inverted digits (a set its teacher never
 saw), from an image folder, with no teacher; FD before and after.
 
-  python experiments/lcf_digits.py --lcm_workdir workdirs/digits_lcd --out workdirs/lcf_digits \
+  python -m experiments.lcf_digits --lcm_workdir workdirs/digits_lcd --out workdirs/lcf_digits \
       [--steps 3000] [--eval_steps 1,2,4] [--control]
 
 1. Writes the shifted set as an image folder: OUT/inverted/ holds the 1,497 training digits with
@@ -15,11 +15,9 @@ Rows for scale: the 1,497 real inverted training digits, and the VAE's reconstru
 inverted test digits (the best a latent model on this VAE can do). Prints a markdown table; OUT/results.json holds it.
 """
 import argparse
-import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import _harness
 
 
 def write_inverted_folder(folder: str, invert: bool = True) -> None:
@@ -58,10 +56,9 @@ def main():
     import numpy as np
 
     from configs import digits_lcf
-    from lcm_jax import config_checks, data, paths, teachers, train
+    from lcm_jax import train
     from lcm_jax.data import digits
     from lcm_jax.eval import digits_metrics, sampling
-    from lcm_jax.objectives.lcf import LCFObjective
 
     folder = os.path.join(args.out, "ordinary" if args.control else "inverted")
     write_inverted_folder(folder, invert=not args.control)
@@ -72,12 +69,12 @@ def main():
     config.checkpoint.update(every_steps=args.steps, keep=1)
     config.sample.every_steps = args.steps
     config.wandb.mode = "disabled"
-    config_checks.validate(config)
 
     ordinary = digits_metrics.DigitsEvaluator(16, 1)
     shifted = digits_metrics.DigitsEvaluator(16, 1, reference_split="test")  # seen through -x
-    lcm = teachers.distilled_from_chained(config, args.lcm_workdir)
-    objective = LCFObjective(config, lcm)
+    workdir = os.path.join(args.out, "run")
+    objective, pipeline = _harness.build_run(config, workdir)  # the checks; the LCM of LCM_WORKDIR
+    lcm = objective.base  # the distilled student LCF starts from
     frozen = jax.device_put(objective.frozen)
 
     def scores(params) -> dict:
@@ -92,34 +89,29 @@ def main():
                            "ordinary": ordinary.evaluate(images, labels)}
         return row
 
-    results = {"before": scores(lcm.params)}
+    results = _harness.ResultsFile(os.path.join(args.out, "results.json"))
+    results.data.clear()  # every entry is measured again: none of an earlier run is kept
+    results.set("before", scores(lcm.params))
     train_images, train_labels = digits.load("train", 16, 1)
     test_images, test_labels = digits.load("test", 16, 1)
     recon = np.clip(np.asarray(lcm.vae.apply({"params": lcm.vae_params}, -np.asarray(test_images))), -1, 1)
-    results["real_inverted_train"] = {"shifted": shifted.evaluate(train_images, train_labels)}
-    results["vae_reconstruction"] = {"shifted": shifted.evaluate(-recon, test_labels)}
-    pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed)
-    final = train.run(config, os.path.join(args.out, "run"), objective, pipeline)
-    results["after"] = scores(final.ema_params)
-    paths.write_atomic(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
-    print(table(results))
+    results.set("real_inverted_train", {"shifted": shifted.evaluate(train_images, train_labels)})
+    results.set("vae_reconstruction", {"shifted": shifted.evaluate(-recon, test_labels)})
+    final = train.run(config, workdir, objective, pipeline)
+    results.set("after", scores(final.ema_params))
+    print(table(results.data))
 
 
 def table(results: dict) -> str:
     steps = sorted(results["before"], key=int)
-    cell = lambda m: f"{m['fd']:.2f} ({m['acc']:.1%})"
-    lines = ["| LCM | " + " | ".join(f"inverted @{n} | ordinary @{n}" for n in steps) + " |",
-             "|---|" + "---|---|" * len(steps)]
-    for name in ("before", "after"):
-        lines.append(f"| {name} LCF | " + " | ".join(
-            f"{cell(results[name][n]['shifted'])} | {cell(results[name][n]['ordinary'])}"
-            for n in steps) + " |")
-    for name in ("real_inverted_train", "vae_reconstruction"):
-        lines.append(f"| {name.replace('_', ' ')} | {cell(results[name]['shifted'])} |")
-    return "\n".join(lines)
+    cell = _harness.fd_cell
+    header = ["LCM", *(f"{kind} @{n}" for n in steps for kind in ("inverted", "ordinary"))]
+    rows = [[f"{name} LCF", *(cell(results[name][n][kind]) for n in steps
+                              for kind in ("shifted", "ordinary"))] for name in ("before", "after")]
+    rows += [[name.replace("_", " "), cell(results[name]["shifted"])]
+             for name in ("real_inverted_train", "vae_reconstruction")]
+    return _harness.markdown_table(header, rows)
 
 
 if __name__ == "__main__":
-    from lcm_jax import errors
-
-    errors.cli_main(main)  # bad input: one line, exit 2
+    _harness.main(main)

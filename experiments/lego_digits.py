@@ -2,7 +2,7 @@ r"""LEGO bricks on the embedded digits: LEGO-PG, LEGO-PR and a DiT baseline, tra
 for the same steps, then compared on FD-digits, accuracy, training FLOPs and sampling time, with
 the t_break sweep and generation on canvases larger than the training one.
 
-  python experiments/lego_digits.py --out workdirs/lego_digits \
+  python -m experiments.lego_digits --out workdirs/lego_digits \
       [--models pg,pr,dit,pg_sub,dit_eqflops] [--sweep pg,pr] [--t_breaks 0,0.25,0.5,0.75]
 
 Each model trains in OUT/NAME with configs/digits_lego.py:NAME (',' for '_'; resumable, a finished
@@ -16,35 +16,25 @@ without the top brick come from XLA's cost analysis. Grids of 16x32 and 32x32 ca
 OUT/canvas_NAME_HxW.png. Results: OUT/results.json, and a markdown table on stdout.
 """
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from experiments import _harness
 
 TINY = ""  # ",tiny" under --tiny: seconds-long models (tests/test_lego.py runs the recipe so)
 
 
-def build(name: str, total_steps: int | None = None):
-    import jax
-
+def build(name: str, workdir: str, total_steps: int | None = None):
+    """(config, objective, pipeline) of configs/digits_lego.py:NAME, as main.py builds a run."""
     from configs import digits_lego
-    from lcm_jax import config_checks, data, models, objectives, train
 
     config = digits_lego.get_config(name.replace("_", ",") + TINY)
     config.wandb.mode = "disabled"
     if total_steps:
         config.total_steps = total_steps
-    config_checks.validate(config)
-    pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size,
-                                  seed=config.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-    image_shape = train.peek(pipeline)["image"].shape[1:]
-    model = models.make_model(config.model, image_shape[-1])
-    return config, objectives.make_objective(config, model, image_shape), pipeline
+    objective, pipeline = _harness.build_run(config, workdir)
+    return config, objective, pipeline
 
 
 def train_flops_per_image(config, objective, pipeline) -> float:
@@ -66,7 +56,8 @@ def evaluation_flops(objective, params, shape, num_bricks=None) -> float:
     import jax.numpy as jnp
 
     kwargs = {} if num_bricks is None else {"num_bricks": num_bricks}
-    f = lambda p, x: objective.model.apply(p, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32), **kwargs)
+    f = lambda p, x: objective.network.denoiser.apply(p, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32),
+                                                     **kwargs)
     x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
     return jax.jit(f).lower(params, x).compile().cost_analysis()["flops"]
 
@@ -78,7 +69,7 @@ def timed_evaluation(objective, params, eval_config, evaluator, seed, repeats):
     def draw():
         t0 = time.perf_counter()
         images, labels = sampling.class_conditional_samples(
-            objective.sample_fn, params, {}, eval_config, eval_config.num_samples,
+            objective.sample_fn, params, objective.frozen, eval_config, eval_config.num_samples,
             eval_config.batch_size, seed)
         return images, labels, time.perf_counter() - t0
 
@@ -110,9 +101,9 @@ def canvases(objective, params, eval_config, out: str, name: str):
     return paths
 
 
-def equal_flops_steps(name: str, reference: str) -> int:
+def equal_flops_steps(name: str, reference: str, out: str) -> int:
     """Steps at which model `name` has spent the training FLOPs of `reference`'s full run."""
-    (config, *built), (ref_config, *ref_built) = build(name), build(reference)
+    (config, *built), (ref_config, *ref_built) = build(name, out), build(reference, out)
     ratio = train_flops_per_image(ref_config, *ref_built) / train_flops_per_image(config, *built)
     return int(round(ref_config.total_steps * ref_config.batch_size * ratio / config.batch_size))
 
@@ -138,16 +129,15 @@ def main(argv=None):
     from lcm_jax import train
     from lcm_jax.eval import digits_metrics
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}
+    results = _harness.ResultsFile(os.path.join(args.out, "results.json"))
     t_breaks = [float(t) for t in args.t_breaks.split(",")]
     evaluator = None
     for name in args.models.split(","):
-        steps = equal_flops_steps(name.split("_eqflops")[0], args.equal_flops_to) \
+        steps = equal_flops_steps(name.split("_eqflops")[0], args.equal_flops_to, args.out) \
             if name.endswith("_eqflops") else None
-        config, objective, pipeline = build(name.split("_eqflops")[0], steps)
-        final = train.run(config, os.path.join(args.out, name), objective, pipeline)
+        workdir = os.path.join(args.out, name)
+        config, objective, pipeline = build(name.split("_eqflops")[0], workdir, steps)
+        final = train.run(config, workdir, objective, pipeline)
         params = final.ema_params
         evaluator = evaluator or digits_metrics.DigitsEvaluator(config.data.image_size, 1)
         shape = objective.image_shape
@@ -169,38 +159,30 @@ def main(argv=None):
             entry["sweep"][str(t_break)] = dict(metrics, seconds=seconds)
             print(name, t_break, entry["sweep"][str(t_break)], flush=True)
         entry["canvases"] = canvases(objective, params, config.eval, args.out, name)
-        results[name] = entry
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
-    print(tables(results, t_breaks))
-    return results
+        results.set(name, entry)
+    print(tables(results.data, t_breaks))
+    return results.data
 
 
 def tables(results: dict, t_breaks) -> str:
-    lines = ["| model | params | training steps | train GFLOP / image | train TFLOP total | "
-             "FD-digits | accuracy | sampling s / 500 |", "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for name, e in results.items():
         s = e["sweep"]["0.0"]
         total = e["train_flops_per_image"] * e["train_images"] / 1e12
-        lines.append(f"| {name} | {e['params']:,} | {e['steps']:,} | "
-                     f"{e['train_flops_per_image'] / 1e9:.4f} | {total:.1f} | {s['fd']:.2f} | "
-                     f"{s['acc']:.3f} | {s['seconds']:.2f} |")
-    lines += ["", "t_break sweep: FD-digits (accuracy) / seconds for 500 images; MFLOP per "
-              "evaluation with / without the top brick", "",
-              "| model | MFLOP | " + " | ".join(f"t_break = {t:g} T" for t in t_breaks) + " |",
-              "|---|---|" + "---|" * len(t_breaks)]
-    for name, e in results.items():
-        if "eval_flops_top_skipped" not in e:
-            continue
-        cells = [e["sweep"].get(str(t)) for t in t_breaks]
-        lines.append(f"| {name} | {e['eval_flops'] / 1e6:.2f} / {e['eval_flops_top_skipped'] / 1e6:.2f} | "
-                     + " | ".join(f"{c['fd']:.2f} ({c['acc']:.3f}) / {c['seconds']:.2f} s" if c else "-"
-                                  for c in cells) + " |")
-    return "\n".join(lines)
+        rows.append([name, f"{e['params']:,}", f"{e['steps']:,}",
+                     f"{e['train_flops_per_image'] / 1e9:.4f}", f"{total:.1f}", f"{s['fd']:.2f}",
+                     f"{s['acc']:.3f}", f"{s['seconds']:.2f}"])
+    sweep = [[name, f"{e['eval_flops'] / 1e6:.2f} / {e['eval_flops_top_skipped'] / 1e6:.2f}",
+              *(f"{c['fd']:.2f} ({c['acc']:.3f}) / {c['seconds']:.2f} s" if c else "-"
+                for c in (e["sweep"].get(str(t)) for t in t_breaks))]
+             for name, e in results.items() if "eval_flops_top_skipped" in e]
+    return "\n".join([
+        _harness.markdown_table(["model", "params", "training steps", "train GFLOP / image",
+                                 "train TFLOP total", "FD-digits", "accuracy", "sampling s / 500"], rows),
+        "", "t_break sweep: FD-digits (accuracy) / seconds for 500 images; MFLOP per evaluation "
+        "with / without the top brick", "",
+        _harness.markdown_table(["model", "MFLOP", *(f"t_break = {t:g} T" for t in t_breaks)], sweep)])
 
 
 if __name__ == "__main__":
-    from lcm_jax import errors
-
-    errors.cli_main(main)  # bad input: one line, exit 2
+    _harness.main(main)

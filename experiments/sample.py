@@ -1,15 +1,13 @@
 r"""Text -> image from a local diffusers Stable Diffusion folder.
 
-  python experiments/sample.py --model PATH --prompt "a photo of a cat" --sampler lcm \
+  python -m experiments.sample --model PATH --prompt "a photo of a cat" --sampler lcm \
       --steps 4 --guidance 8 --seed 0 --num 4 --out samples/
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from lcm_jax import cli_args, errors  # noqa: E402
-from lcm_jax.pipeline import SAMPLERS, StableDiffusion  # noqa: E402
+from experiments import _harness
+from lcm_jax import cli_args
+from lcm_jax.pipeline import SAMPLERS, StableDiffusion
 
 
 def main():
@@ -39,4 +37,4 @@ def main():
 
 
 if __name__ == "__main__":
-    errors.cli_main(main)
+    _harness.main(main)

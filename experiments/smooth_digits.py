@@ -1,6 +1,6 @@
 r"""Smooth Diffusion on README command 1's digits teacher: Smooth-LoRA vs the base, and a lambda sweep.
 
-  python experiments/smooth_digits.py --teacher_workdir workdirs/digits_lcd --out workdirs/smooth_digits \
+  python -m experiments.smooth_digits --teacher_workdir workdirs/digits_lcd --out workdirs/smooth_digits \
       [--lambdas 0,0.1,1,10] [--steps 1000] [--pairs 5] [--nti 50]
 
 1. Trains configs/digits_smooth.py at each lambda in OUT/lambda_<value> (skipped once it has
@@ -22,10 +22,9 @@ r"""Smooth Diffusion on README command 1's digits teacher: Smooth-LoRA vs the ba
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import _harness
 
 GUIDANCE = 1.5
 
@@ -45,9 +44,8 @@ def run_config(config, lam: float, full_lr: float | None = None):
 
 
 def train(config, workdir: str) -> str:
+    from experiments import main as entry
     from lcm_jax import teachers
-
-    import main as entry
 
     if not os.path.isfile(teachers.smooth_path(workdir)):
         entry.train_and_evaluate(config, workdir)
@@ -107,13 +105,12 @@ def main():
     parser.add_argument("--nti", type=int, default=50)
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
     import jax
     import numpy as np
 
     from configs import digits_smooth
-    from lcm_jax import config_checks, editing, paths, teachers
+    from lcm_jax import config_checks, editing, teachers
     from lcm_jax.data import digits
     from lcm_jax.eval import digits_metrics
     from lcm_jax.objectives.smooth import SmoothObjective
@@ -136,8 +133,7 @@ def main():
     images, labels = digits.load("train", config.data.image_size, 1)
     teacher = teachers.train_chained(config, args.teacher_workdir, images, labels)
 
-    path = os.path.join(args.out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}  # reruns add their models
+    results = _harness.ResultsFile(os.path.join(args.out, "results.json"))  # reruns add their models
     strips = {}
     models = ([] if args.no_base else [("base", config, None)]) + runs
     for name, c, workdir in models:
@@ -147,21 +143,20 @@ def main():
         template = run_objective.init_state(jax.random.PRNGKey(0), run_objective.frozen).params
         params = template if workdir is None else teachers.load_params(teachers.smooth_path(workdir),
                                                                         template)
-        results[name], strips[name] = score_model(model, run_objective, params, run_objective.frozen,
-                                                  c, evaluator, args, test_images, test_labels)
-        results[name]["seconds"] = time.time() - t0
+        scores, strips[name] = score_model(model, run_objective, params, run_objective.frozen,
+                                           c, evaluator, args, test_images, test_labels)
+        results.set(name, dict(scores, seconds=time.time() - t0))
         print(name, json.dumps(results[name]), flush=True)
     vae = teacher.vae
     rec = np.asarray(vae.decode_latents(teacher.vae_params, vae.encode_to_latents(teacher.vae_params, test_images)))
     from lcm_jax.eval import image_metrics
 
     to01 = lambda x: (np.clip(np.asarray(x), -1, 1) + 1.0) / 2.0
-    results["vae"] = {"psnr": float(np.mean(image_metrics.psnr(to01(rec), to01(test_images)))),
-                      "ssim": float(np.mean(image_metrics.ssim(to01(rec), to01(test_images))))}
-    paths.write_atomic(path, json.dumps(results, indent=2))
+    results.set("vae", {"psnr": float(np.mean(image_metrics.psnr(to01(rec), to01(test_images)))),
+                        "ssim": float(np.mean(image_metrics.ssim(to01(rec), to01(test_images))))})
     if "base" in strips:
         save_strip(os.path.join(args.out, "strip.png"), strips["base"], strips.get("lambda_1.0"), args.pairs)
-    print(tables(results))
+    print(tables(results.data))
 
 
 def save_strip(path: str, base, smooth, pairs: int, classes=(0, 3, 5, 8)) -> None:
@@ -182,22 +177,17 @@ def save_strip(path: str, base, smooth, pairs: int, classes=(0, 3, 5, 8)) -> Non
 
 
 def tables(results: dict) -> str:
-    lines = ["| model | ISTD | mean step | FD-digits | acc | DDIM-inv PSNR g1 / g1.5 | SSIM g1 / g1.5 | NTI PSNR / SSIM |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        if name == "vae":
-            continue
-        nti = f"{r['nti_psnr']:.2f} / {r['nti_ssim']:.3f}" if "nti_psnr" in r else "-"
-        lines.append(f"| {name} | {r['istd']:.3f} | {r['mean_step']:.2f} | {r['fd']:.2f} | {r['acc']:.3f} | "
-                     f"{r['ddim_psnr_g1.0']:.2f} / {r['ddim_psnr_g1.5']:.2f} | "
-                     f"{r['ddim_ssim_g1.0']:.3f} / {r['ddim_ssim_g1.5']:.3f} | {nti} |")
+    rows = [[name, f"{r['istd']:.3f}", f"{r['mean_step']:.2f}", f"{r['fd']:.2f}", f"{r['acc']:.3f}",
+             f"{r['ddim_psnr_g1.0']:.2f} / {r['ddim_psnr_g1.5']:.2f}",
+             f"{r['ddim_ssim_g1.0']:.3f} / {r['ddim_ssim_g1.5']:.3f}",
+             f"{r['nti_psnr']:.2f} / {r['nti_ssim']:.3f}" if "nti_psnr" in r else "-"]
+            for name, r in results.items() if name != "vae"]
     if "vae" in results:
-        lines.append(f"| VAE reconstruction (ceiling) | | | | | {results['vae']['psnr']:.2f} | "
-                     f"{results['vae']['ssim']:.3f} | |")
-    return "\n".join(lines)
+        rows.append(["VAE reconstruction (ceiling)", "", "", "", "", f"{results['vae']['psnr']:.2f}",
+                     f"{results['vae']['ssim']:.3f}", ""])
+    return _harness.markdown_table(["model", "ISTD", "mean step", "FD-digits", "acc",
+                                    "DDIM-inv PSNR g1 / g1.5", "SSIM g1 / g1.5", "NTI PSNR / SSIM"], rows)
 
 
 if __name__ == "__main__":
-    from lcm_jax import errors
-
-    errors.cli_main(main)  # bad input: one line, exit 2
+    _harness.main(main)

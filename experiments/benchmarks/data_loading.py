@@ -39,13 +39,14 @@ def prefetch(rounds: int = 5, steps: int = 20) -> dict:
     import numpy as np
 
     from configs import digits_diffusion
-    from lcm_jax import data, models, objectives, train
+    from lcm_jax import data, models, train
+    from lcm_jax.objectives.diffusion import DiffusionObjective
 
     config = digits_diffusion.get_config()
     with tempfile.TemporaryDirectory() as folder:
         config.data = dict(name="webdataset", path=write_digits_shards(folder), image_size=16,
                            channels=1, shuffle_buffer=256, random_flip=False)
-        objective = objectives.make_objective(config, models.make_model(config.model, 1), (16, 16, 1))
+        objective = DiffusionObjective(config, models.make_model(config.model, 1), (16, 16, 1))
         labels = np.full((config.batch_size,), 10, np.int32)  # the null class: no labels in the shards
         sides = {}
         for depth in (0, 2):

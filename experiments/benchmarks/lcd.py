@@ -14,6 +14,10 @@ LCD_UNET = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channel
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 LCD_BATCH, LCD_CONTEXT, W_DIM, W_RANGE, HUBER_C, EMA, LR = 8, 16, 256, (5.0, 15.0), 0.001, 0.95, 1e-5
+# config.optimizer of the LCD step (the reference script's: clip 1, AdamW, constant lr).
+OPTIMIZER = dict(lr=LR, warmup_steps=0, decay="constant", grad_clip=1.0, weight_decay=0.0,
+                 b1=0.9, b2=0.999, eps=1e-8)
+TOTAL_STEPS = 10 ** 6
 
 
 class CachedTextConditioning:
@@ -43,15 +47,23 @@ class CachedTextConditioning:
         return cond, cond, jnp.arange(num)
 
 
+def init_unet(module, side: int, context: int = LCD_CONTEXT, rng=None):
+    """Random params of a UNet module (seed 0 unless `rng`)."""
+    x, t, kw = unet.example_inputs(module.config, 1, side, context)
+    return module.init(jax.random.PRNGKey(0) if rng is None else rng, x, t, **kw)["params"]
+
+
 def lcd_objective(unet_config: dict, image_side: int, params=None, lora_rank: int = 0,
                   remat: bool = False, context: int = LCD_CONTEXT, attention: str = "auto",
                   dtype=jnp.float32):
-    """LCDObjective on a UNet teacher with cached text embeddings; params=None: abstract weights."""
+    """The LCD objective (objectives.consistency with lcd's strategy) on a UNet teacher with
+    cached text embeddings; params=None: abstract weights."""
     import ml_collections
 
     from lcm_jax import models
     from lcm_jax.diffusion import schedule as sched
-    from lcm_jax.objectives.lcd import LCDObjective, Teacher
+    from lcm_jax.objectives import consistency, lcd
+    from lcm_jax.objectives.parts import Base
 
     teacher_module = unet.from_config(unet_config, remat=remat, attention=attention, dtype=dtype)
     student_module = unet.from_config(dict(unet_config, time_cond_proj_dim=W_DIM), remat=remat,
@@ -59,20 +71,18 @@ def lcd_objective(unet_config: dict, image_side: int, params=None, lora_rank: in
     if params is None:
         params = unet.abstract_params(teacher_module)
     side = image_side // 8
-    teacher = Teacher(models.Denoiser(teacher_module), params,
-                      sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012), "epsilon",
-                      CachedTextConditioning(context, unet_config["cross_attention_dim"], pooled_dim(unet_config)),
-                      (side, side, 4),
-                      student_net=models.Denoiser(student_module))
+    base = Base(models.Denoiser(teacher_module), params,
+                sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012), "epsilon",
+                CachedTextConditioning(context, unet_config["cross_attention_dim"], pooled_dim(unet_config)),
+                (side, side, 4),
+                student_net=models.Denoiser(student_module))
     config = ml_collections.ConfigDict(dict(
-        total_steps=10 ** 6, ema_decay=EMA,
-        optimizer=dict(lr=LR, warmup_steps=0, decay="constant", grad_clip=1.0, weight_decay=0.0,
-                       b1=0.9, b2=0.999, eps=1e-8),
+        total_steps=TOTAL_STEPS, ema_decay=EMA, optimizer=OPTIMIZER,
         lcd=dict(num_ddim_timesteps=50, solver="ddim", w_min=W_RANGE[0], w_max=W_RANGE[1],
                  w_embedding_dim=W_DIM, loss="huber", huber_c=HUBER_C,
                  target="online" if lora_rank else "ema",
                  lora=dict(rank=lora_rank, alpha=float(lora_rank)) if lora_rank else None)))
-    return LCDObjective(config, teacher)
+    return consistency.ConsistencyObjective(config, base, lcd.STRATEGY)
 
 
 def pooled_dim(unet_config: dict) -> int:
@@ -98,11 +108,9 @@ def lcd_batch(b: int, side: int, context: int, dim: int, seed: int = 0, pooled: 
 
 def jax_lcd_step(batch: dict, attention: str = "auto", compiler_options: dict | None = None):
     """A callable running one fused LCD step of lcm_jax (until its loss is ready)."""
-    module = unet.from_config(LCD_UNET)
-    x, t, kw = unet._example_inputs(module.config, 1, LCD_UNET["sample_size"], LCD_CONTEXT)
-    params = module.init(jax.random.PRNGKey(0), x, t, **kw)["params"]
+    params = init_unet(unet.from_config(LCD_UNET), LCD_UNET["sample_size"])
     objective = lcd_objective(LCD_UNET, LCD_UNET["sample_size"] * 8, params, attention=attention)
-    frozen = {"teacher": params}
+    frozen = objective.frozen  # {"base": the teacher's params}
     state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
     device_batch = jax.device_put(batch)
     step_fn = jax.jit(objective.train_step, donate_argnums=0).lower(state, device_batch, frozen).compile(

@@ -24,7 +24,7 @@ def unet_memory(dtypes=("float32", "bfloat16")) -> dict:
             module = unet.from_config(config, dtype=getattr(jnp, dtype))
             c = module.config
             params = unet.abstract_params(module)
-            x, t, kw = unet._example_inputs(c, 1, side // 8, 77)
+            x, t, kw = unet.example_inputs(c, 1, side // 8, 77)
             spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
             args = (params, spec(x), spec(t), jax.tree.map(spec, kw))
             fwd = lambda p, x, t, kw: module.apply({"params": p}, x, t, **kw)
@@ -55,7 +55,7 @@ def lcd_memory(batch: int = 1, cases=("sd15", "sdxl")) -> dict:
             for param_dtype in ("float32", "bfloat16"):
                 objective = lcd_objective(config, side, lora_rank=rank, remat=True, context=77)
                 frozen = jax.eval_shape(lambda f: train.as_dtype(f, models.DTYPES[param_dtype]),
-                                        {"teacher": objective.teacher.params})
+                                        objective.frozen)  # {"base": the teacher}
                 state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
                 step = lambda s, bt, f: objective.train_step(s, bt, f)
                 name = f"{case}_{mode}_{param_dtype}"
@@ -75,7 +75,8 @@ def lego_memory(batch: int = 32) -> dict:
     """Train-step memory and FLOPs of the paper-scale LEGO configs, per device at `batch`."""
     import importlib
 
-    from lcm_jax import config_checks, models, objectives
+    from lcm_jax import config_checks, models
+    from lcm_jax.objectives.edm import EDMObjective
 
     cases = {"imagenet64_pg_L": ("lego_imagenet64", "pg", (64, 64, 3)),
              "imagenet64_pr_L": ("lego_imagenet64", "pr", (64, 64, 3)),
@@ -87,7 +88,7 @@ def lego_memory(batch: int = 32) -> dict:
         if config.data.name == "folder":  # nothing is read: any existing folder validates
             config.data.path = ROOT
         config_checks.validate(config, device_count=1)
-        objective = objectives.make_objective(config, models.make_model(config.model, shape[-1]), shape)
+        objective = EDMObjective(config, models.make_model(config.model, shape[-1]), shape)
         state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0))
         key = "latents" if shape[-1] == 4 else "image"
         batch_spec = {key: jax.ShapeDtypeStruct((batch,) + shape, jnp.float32),

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from lcm_jax.models import attention, unet
 
 from .common import ROOT, alternating_rounds, median_ms
-from .lcd import (EMA, LCD_BATCH, LCD_CONTEXT, LCD_UNET, LR, W_DIM, jax_lcd_step, lcd_batch,
-                  lcd_batch_for_step, lcd_objective, torch_lcd_step)
+from .lcd import (EMA, LCD_BATCH, LCD_CONTEXT, LCD_UNET, LR, OPTIMIZER, TOTAL_STEPS, W_DIM,
+                  init_unet, jax_lcd_step, lcd_batch, lcd_batch_for_step, lcd_objective,
+                  torch_lcd_step)
 
 
 def lcd_step(rounds: int = 7, steps: int = 5) -> dict:
@@ -41,10 +42,14 @@ def lcd_step(rounds: int = 7, steps: int = 5) -> dict:
 def lcd_breakdown(repeats: int = 10) -> dict:
     """The lcd_step suite's pieces, JAX vs PyTorch side by side (ms, median): the student UNet's
     forward, forward + backward, the teacher's 2B call (cond and uncond in one batch), and
-    clip + AdamW + EMA over the student's params. Same tiny UNet, batch, CPU; one run."""
+    clip + AdamW + EMA over the student's params (lcm_jax: the train step's own update,
+    `common.apply_gradients`). Same tiny UNet, batch, CPU; one run."""
+    import ml_collections
     import numpy as np
-    import optax
     import torch
+
+    from lcm_jax.objectives import common
+    from lcm_jax.train import TrainState
 
     b, side = LCD_BATCH, LCD_UNET["sample_size"]
     batch = lcd_batch(b, side, LCD_CONTEXT, LCD_UNET["cross_attention_dim"])
@@ -56,27 +61,23 @@ def lcd_breakdown(repeats: int = 10) -> dict:
 
     student = unet.from_config(dict(LCD_UNET, time_cond_proj_dim=W_DIM))
     teacher = unet.from_config(LCD_UNET)
-    xe, te, kw = unet._example_inputs(student.config, 1, side, LCD_CONTEXT)
-    params = student.init(jax.random.PRNGKey(0), xe, te, **kw)["params"]
-    kw.pop("timestep_cond", None)
-    teacher_params = teacher.init(jax.random.PRNGKey(0), xe, te, **kw)["params"]
+    params = init_unet(student, side)
+    teacher_params = init_unet(teacher, side)
     fwd = lambda p, x, c, w: student.apply({"params": p}, x, jnp.asarray(t), encoder_hidden_states=c, timestep_cond=w)
     loss = lambda p, x, c, w: jnp.mean(fwd(p, x, c, w) ** 2)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, 0.9, 0.999, 1e-8, weight_decay=0.0))
-
-    def update(p, ema, opt, g):
-        u, opt = tx.update(g, opt, p)
-        p = optax.apply_updates(p, u)
-        return p, jax.tree.map(lambda e, q: EMA * e + (1 - EMA) * q, ema, p), opt
+    # The LCD step's optimizer and update: clip + AdamW + EMA, as objectives' train steps run it.
+    tx = common.make_optimizer(ml_collections.ConfigDict(OPTIMIZER), TOTAL_STEPS)
 
     jx, jc, jw = map(jnp.asarray, (x, c, w_emb))
     grads = jax.jit(jax.grad(loss))(params, jx, jc, jw)
-    state = {"p": jax.tree.map(jnp.copy, params), "ema": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}
-    jit_update = jax.jit(update, donate_argnums=(0, 1, 2))
+    # The EMA starts as its own copy of the params: the update donates both.
+    state = {"train": TrainState.create(jax.tree.map(jnp.copy, params), tx, jax.random.PRNGKey(0)).replace(
+        ema_params=jax.tree.map(jnp.copy, params))}
+    jit_update = jax.jit(lambda s, g: common.apply_gradients(s, g, {}, tx, EMA)[0], donate_argnums=0)
 
     def jax_update():
-        state["p"], state["ema"], state["opt"] = jit_update(state["p"], state["ema"], state["opt"], grads)
-        jax.block_until_ready(state["p"])
+        state["train"] = jit_update(state["train"], grads)
+        jax.block_until_ready(state["train"].params)
 
     jit_fwd, jit_grad = jax.jit(fwd), jax.jit(jax.grad(loss))
     jit_teacher = jax.jit(lambda p, x, t, c: teacher.apply({"params": p}, x, t, encoder_hidden_states=c))
@@ -274,8 +275,7 @@ def sampling(repeats: int = 5, batch: int = 1) -> dict:
     nets = {}
     for name, w_dim in (("teacher", None), ("student", W_DIM)):
         module = unet.from_config(dict(LCD_UNET, time_cond_proj_dim=w_dim))
-        xe, te, kw = unet._example_inputs(module.config, 1, side, LCD_CONTEXT)
-        nets[name] = module, module.init(rng, xe, te, **kw)["params"]
+        nets[name] = module, init_unet(module, side, rng=rng)
     decoder = vae.from_config(SAMPLING_VAE)
     decoder_params = decoder.init(rng, jnp.zeros((1, 8, 8, 3)))["params"]
     schedule = sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
@@ -314,8 +314,9 @@ def compile_time() -> dict:
 
     with tempfile.TemporaryDirectory() as cache:
         runs = [json.loads(subprocess.run(
-            [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--compile_once", cache], check=True,
-            capture_output=True, text=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
+            [sys.executable, "-m", "experiments.benchmark", "--compile_once", cache], cwd=ROOT,
+            check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            for _ in range(2)]
     result = {"cold_s": runs[0], "cached_s": runs[1], "cached_over_cold": round(runs[1] / runs[0], 3)}
     print(result, flush=True)
     return result
@@ -329,7 +330,7 @@ def compile_once(cache: str) -> float:
     parallel.enable_compilation_cache(ml_collections.ConfigDict({"compilation_cache_dir": cache}))
     objective = lcd_objective(LCD_UNET, LCD_UNET["sample_size"] * 8)
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
-    frozen = {"teacher": objective.teacher.params}
+    frozen = objective.frozen  # {"base": the teacher's params}
     state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
     batch = jax.tree.map(spec, lcd_batch(LCD_BATCH, LCD_UNET["sample_size"], LCD_CONTEXT,
                                          LCD_UNET["cross_attention_dim"]))

@@ -18,7 +18,7 @@ softmax(q k^T / sqrt(D)) v, by the kernel that the models' `attention` field nam
               cannot be partitioned by jit: it runs in one-device programs, pmap or shard_map.
   auto        per call, at trace time: chunked on CPU (there the faster one too: autodiff's softmax
               backward spends more in the [B, H, L, S] reductions and relayouts than the recompute
-              costs, `python experiments/benchmark.py --suite lcd_breakdown`); cudnn on an NVIDIA GPU
+              costs, `python -m experiments.benchmark --suite lcd_breakdown`); cudnn on an NVIDIA GPU
               where its limits allow; pallas_tpu on a one-device TPU v4+ where L and S are whole
               128-blocks (no padded rows); xla everywhere else (fp32 on GPU, the VAE's 512-wide head,
               77-token text keys on TPU, jit over several TPUs, other backends).
