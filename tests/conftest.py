@@ -2,6 +2,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests import shared helpers
 
 # JAX's persistent compilation cache, shared by both xdist workers and inherited by every
@@ -68,3 +70,26 @@ def fast_compile(f, *args):
     import jax
 
     return jax.jit(f).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+
+
+# Fixtures used by more than one test module (their helpers live in tests/support/). Module scope,
+# as each had in the module that defined it: built once per module that uses it.
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline folder (support.sd.build 'ddim'): test_lcd_sd,
+    test_export."""
+    from support.sd import build
+
+    tmp = tmp_path_factory.mktemp("sd")
+    build(tmp, "ddim")
+    return str(tmp / "pipe")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """(torch CLIPModel, its folder: weights + tiny tokenizer + preprocessor, our scorer):
+    test_clip_score, test_export."""
+    from support.clip import tiny_clip
+
+    return tiny_clip(str(tmp_path_factory.mktemp("clip")))

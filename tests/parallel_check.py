@@ -24,37 +24,34 @@ def build(objective_name, mode, data, fsdp):
         config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
         return config, *tiny_run.build(config)
     if objective_name == "lego":  # EDM training of a tiny LEGO-PG with patch subsampling
-        import test_lego
-
         from lcm_jax import data as data_lib
-        from lcm_jax import models, objectives
+        from lcm_jax import models
+        from lcm_jax.objectives.edm import EDMObjective
+        from support import lego
 
-        config = test_lego.digits_lego_config("pg,sub,tiny")
+        config = lego.digits_lego_config("pg,sub,tiny")
         config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
         pipeline = data_lib.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
         model = models.make_model(config.model, 1)
-        return config, objectives.make_objective(config, model, (16, 16, 1)), pipeline
-    import test_lcd  # the tiny LCD teacher: random DiT + random VAE, 8x8 digits
+        return config, EDMObjective(config, model, (16, 16, 1)), pipeline
     from lcm_jax import data as data_lib
+    from support import lcd  # the tiny LCD teacher: random DiT + random VAE, 8x8 digits
 
     if objective_name == "smooth":  # the VJP penalty and its running mean, averaged globally
-        import test_smooth
         from lcm_jax.objectives.smooth import SmoothObjective
+        from support import smooth
 
-        config = test_smooth.tiny_config()
+        config = smooth.tiny_config()
         config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
         pipeline = data_lib.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
         return config, SmoothObjective(config, tiny_teacher(config, 8)), pipeline
 
-    from lcm_jax.objectives.lcd import LCDObjective
-    from lcm_jax.objectives.tcd import TCDObjective
-
-    config = test_lcd.tiny_config()
+    config = lcd.tiny_config()
     config.data.image_size = 8
     config.parallel.update(mode=mode, data=data, fsdp=fsdp, fsdp_min_size=0)
     pipeline = data_lib.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
-    objective = {"lcd": LCDObjective, "tcd": TCDObjective}[objective_name]
-    return config, objective(config, tiny_teacher(config, config.lcd.w_embedding_dim)), pipeline
+    return config, lcd.objective(config, tiny_teacher(config, config.lcd.w_embedding_dim),
+                                 objective_name), pipeline
 
 
 _TEACHERS = {}
@@ -63,10 +60,10 @@ _TEACHERS = {}
 def tiny_teacher(config, w_dim):
     """The tiny random teacher, built once per process (its init costs ~10 s; every layout and
     objective of a check uses the same one)."""
-    import test_lcd
+    from support import lcd
 
     if w_dim not in _TEACHERS:
-        _TEACHERS[w_dim] = test_lcd.tiny_teacher(config, w_dim=w_dim)
+        _TEACHERS[w_dim] = lcd.tiny_teacher(config, w_dim=w_dim)
     return _TEACHERS[w_dim]
 
 

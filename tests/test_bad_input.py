@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="disabled")
-MAIN = ["experiments/main.py", "--config=configs/digits_lcd.py:tiny"]
+MAIN = ["-m", "experiments.main", "--config=configs/digits_lcd.py:tiny"]
 
 
 def run(args, workdir):
@@ -49,12 +49,12 @@ CASES = {
     "eval_steps": (MAIN + ["--config.eval.steps=[0, 2]"], "config.eval.steps=[0, 2]"),
     "sample_num": (MAIN + ["--config.sample.num_images=0"], "config.sample.num_images=0"),
     # 3. the scripts' flags
-    "sample_steps": (["experiments/sample.py", "--model", ".", "--prompt", "x", "--steps", "0"], "--steps"),
-    "sample_gamma": (["experiments/sample.py", "--model", ".", "--prompt", "x", "--gamma", "2"], "--gamma"),
-    "sample_out": (["experiments/sample.py", "--model", ".", "--prompt", "x", "--out", "README.md"], "--out"),
-    "evaluate_steps": (["experiments/evaluate.py", "--workdir", ".", "--steps", "1,x"], "--steps"),
-    "evaluate_num": (["experiments/evaluate.py", "--workdir", ".", "--num", "0"], "--num"),
-    "export_workdir": (["experiments/export.py", "--workdir", "/no/such/run", "--out", "o"], "--workdir"),
+    "sample_steps": (["-m", "experiments.sample", "--model", ".", "--prompt", "x", "--steps", "0"], "--steps"),
+    "sample_gamma": (["-m", "experiments.sample", "--model", ".", "--prompt", "x", "--gamma", "2"], "--gamma"),
+    "sample_out": (["-m", "experiments.sample", "--model", ".", "--prompt", "x", "--out", "README.md"], "--out"),
+    "evaluate_steps": (["-m", "experiments.evaluate", "--workdir", ".", "--steps", "1,x"], "--steps"),
+    "evaluate_num": (["-m", "experiments.evaluate", "--workdir", ".", "--num", "0"], "--num"),
+    "export_workdir": (["-m", "experiments.export", "--workdir", "/no/such/run", "--out", "o"], "--workdir"),
     # 5. unknown override fields, in main.py and in a config file's own fields
     "unknown_field": (MAIN + ["--config.eval.gama=0.3"], "did you mean config.eval.gamma"),
     "unknown_section": (MAIN + ["--config.optimiser.lr=0.1"], "did you mean config.optimizer"),
@@ -67,7 +67,7 @@ def test_bad_input_is_one_line_and_writes_nothing(name, tmp_path):
     args, words = CASES[name]
     args = [a.replace("--out", "--out") for a in args]
     workdir = tmp_path / "w"
-    if args[0] == "experiments/main.py":
+    if args[:2] == ["-m", "experiments.main"]:
         args = args + [f"--workdir={workdir}"]
     proc, errors = run(args, workdir)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -80,7 +80,7 @@ def test_bad_input_is_one_line_and_writes_nothing(name, tmp_path):
 def test_a_truncated_weights_file_is_named(tmp_path, weights):
     """4. corrupt weights: the file is named, said to be truncated or corrupt, re-copying advised."""
     path = tiny_pipeline_folder(str(tmp_path / "sd"), weights)
-    proc, errors = run(["experiments/sample.py", "--model", str(tmp_path / "sd"), "--prompt", "x",
+    proc, errors = run(["-m", "experiments.sample", "--model", str(tmp_path / "sd"), "--prompt", "x",
                         "--out", str(tmp_path / "out")], None)
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert path in errors[0] and "truncated or corrupt" in errors[0] and "copy it again" in errors[0]

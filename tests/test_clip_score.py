@@ -2,55 +2,20 @@
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import write_tiny_tokenizer  # noqa: E402
 from lcm_jax.eval import clip_score
-from lcm_jax.models import clip_text, clip_vision
+from lcm_jax.models import clip_vision
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-TOL, LENGTH, PROJ = 1e-4, 16, 16
+from support.clip import LENGTH, PROJ, pil_image_processor  # noqa: E402
+
+TOL = 1e-4
 PROMPTS = ["a cat", "dog", "a dog and a cat", "cat cat cat", "", "zebra " * 20]  # last: truncated
-
-
-def pil_image_processor():
-    """transformers' PIL-backed CLIPImageProcessor (CLIPImageProcessor itself is the torchvision
-    one in transformers 5). A torchvision build that does not fit torch (a CUDA wheel next to
-    torch+cpu) breaks every image processor at import: hide it then, as if not installed."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # RuntimeError "operator torchvision::nms does not exist", OSError, ...
-        sys.modules["torchvision"] = None  # find_spec -> None: transformers sees no torchvision
-        from transformers.utils import import_utils
-        import_utils.is_torchvision_available.cache_clear()
-    from transformers import CLIPImageProcessorPil
-    return CLIPImageProcessorPil
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """(torch CLIPModel, its folder: weights + tiny tokenizer + preprocessor, our scorer)."""
-    folder = str(tmp_path_factory.mktemp("clip"))
-    vocab = write_tiny_tokenizer(folder)
-    tokenizer = clip_text.load_tokenizer(folder)
-    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = transformers.CLIPConfig(
-        text_config=dict(layers, vocab_size=vocab, max_position_embeddings=LENGTH,
-                         hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(layers, image_size=32, patch_size=8, hidden_act="gelu"),
-        projection_dim=PROJ)
-    torch.manual_seed(0)
-    model = transformers.CLIPModel(config).eval()
-    model.save_pretrained(folder)
-    pil_image_processor()(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-                          ).save_pretrained(folder)
-    return model, folder, clip_score.CLIPScorer.from_pretrained(folder, batch_size=4)
 
 
 def images(n, h, w, seed=0):

@@ -62,7 +62,7 @@ def test_main_prints_one_line_errors_and_writes_nothing(tmp_path):
              (["--config=configs/no_such.py"], "no config file")]
     for args, words in cases:
         workdir = tmp_path / "w"
-        argv = [sys.executable, os.path.join(ROOT, "experiments/main.py"),
+        argv = [sys.executable, "-m", "experiments.main",
                 f"--config={DIGITS_LCD}", f"--workdir={workdir}", *args]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT,
                               env=dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="disabled"))

@@ -2,16 +2,15 @@
 the few-step table) through experiments/main.py, then a rerun that skips the finished stages, then
 LCF of the exported student on an image folder."""
 import json
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import pytest
 
 
+
+@pytest.mark.slow
 def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    import main as entry
+    from experiments import main as entry
 
     from configs import digits_lcd
     from lcm_jax import teachers
@@ -41,7 +40,7 @@ def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch
 
     # experiments/export.py rebuilds the run from W/config.json: the VAE as a diffusers folder,
     # the DiT student as msgpack, equal to the EMA params main.py saved at the end.
-    import export
+    from experiments import export
 
     summary = export.export(str(tmp_path), str(tmp_path / "export"))
     assert summary["kind"] == "digits" and summary["step"] == config.total_steps
@@ -50,7 +49,7 @@ def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch
     assert json.load(open(tmp_path / "export" / "vae" / "config.json"))["latents_std"] == vae_config["latents_std"]
 
     # experiments/evaluate.py: the student at 1 step, FD-digits and accuracy.
-    import evaluate
+    from experiments import evaluate
 
     scored = evaluate.evaluate(str(tmp_path), steps=(1,), num=config.eval.num_samples,
                                batch_size=config.eval.batch_size)["table"]["lcm"]["1"]
@@ -69,23 +68,24 @@ def test_tiny_chain_writes_the_table_and_reruns_from_cache(tmp_path, monkeypatch
     # LCF of that LCM on an image folder of inverted digits (captions name the classes): the
     # exported student is the starting point, bit for bit.
     import jax
-    import lcf_digits
+    from experiments import lcf_digits
     import numpy as np
 
     from configs import digits_lcf
     from lcm_jax import data, train
-    from lcm_jax.objectives.lcf import LCFObjective
+    from lcm_jax import objectives
 
     monkeypatch.undo()
     monkeypatch.setenv("WANDB_MODE", "disabled")
     lcf_digits.write_inverted_folder(str(tmp_path / "inverted"))
     lcf = digits_lcf.get_config("tiny")
     lcf.data.path, lcf.lcf.lcm_workdir = str(tmp_path / "inverted"), str(tmp_path)
-    lcm = teachers.distilled_from_chained(lcf, str(tmp_path))
+    lcm = teachers.distilled_from_chained(lcf, str(tmp_path), lcf.lcd.w_embedding_dim)
     paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(lcm.params)[0]}
     assert any("cond_proj" in p for p in paths)  # the w-conditioned student, not the teacher
     pipeline = data.make_pipeline(lcf.data, global_batch_size=lcf.batch_size, seed=0)
-    final = train.run(lcf, str(tmp_path / "lcf"), LCFObjective(lcf, lcm), pipeline)
+    final = train.run(lcf, str(tmp_path / "lcf"), objectives.build(lcf, str(tmp_path / "lcf"), pipeline),
+                      pipeline)
     assert int(final.step) == lcf.total_steps
     moved = max(float(np.max(np.abs(a - b))) for a, b in
                 zip(jax.tree.leaves(final.params), jax.tree.leaves(lcm.params)))

@@ -5,7 +5,6 @@ latents, same step noise). experiments/evaluate.py scores the full run with CLIP
 itself is tested in test_lcd_sd), with EMA and online weights apart so the --weights flag shows."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -16,19 +15,15 @@ diffusers = pytest.importorskip("diffusers")
 import jax  # noqa: E402
 
 from configs import sd15_lcd, sd15_lcm_lora  # noqa: E402
-from lcm_jax import pipeline, teachers, train  # noqa: E402
-from lcm_jax.objectives.lcd import LCDObjective  # noqa: E402
-from test_lcd_sd import config_for, folder  # noqa: E402,F401 -- the tiny SD folder fixture
-from test_clip_score import clip  # noqa: E402,F401 -- the tiny CLIPModel folder fixture
-from test_pipeline import PROMPT, run_diffusers  # noqa: E402
+from lcm_jax import objectives, pipeline, train  # noqa: E402
+from support.sd import PROMPT, config_for, run_diffusers  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
-import export  # noqa: E402
+from experiments import export  # noqa: E402
 
 
 def checkpointed_run(workdir, config):
     """A workdir as train.run leaves it: config.json and one checkpoint (step 3)."""
-    objective = LCDObjective(config, teachers.from_pretrained(config))
+    objective = objectives.build(config, "", None)
     state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), objective.frozen)
     rng = np.random.default_rng(0)
     moved = lambda tree, scale: jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape).astype(x.dtype), tree)
@@ -43,6 +38,7 @@ def checkpointed_run(workdir, config):
     return state
 
 
+@pytest.mark.slow
 def test_full_lcd_student_exports_a_pipeline_diffusers_runs(folder, tmp_path, monkeypatch):
     config = config_for(sd15_lcd, folder)
     state = checkpointed_run(str(tmp_path / "run"), config)
@@ -66,6 +62,7 @@ def test_full_lcd_student_exports_a_pipeline_diffusers_runs(folder, tmp_path, mo
     assert online["weights"] == "online"
 
 
+@pytest.mark.slow
 def test_lcm_lora_exports_what_load_lora_weights_takes(folder, tmp_path, monkeypatch):
     config = config_for(sd15_lcm_lora, folder)
     config.lcd.lora.update(rank=16, alpha=8.0)  # above the 8-channel layers' width: a rank_pattern
@@ -93,10 +90,11 @@ def test_export_refuses_what_it_cannot_read(tmp_path):
         export.export(str(tmp_path), str(tmp_path / "out"))
 
 
+@pytest.mark.slow
 def test_evaluate_scores_an_sd_run_with_clip(folder, tmp_path, clip):
     """experiments/evaluate.py on the full LCD run: the student at 1 step, CLIP-scored with a
     tiny random CLIPModel folder; missing weight files fail with what to put there."""
-    import evaluate
+    from experiments import evaluate
 
     _, clip_folder, scorer = clip
     checkpointed_run(str(tmp_path / "run"), config_for(sd15_lcd, folder))

@@ -6,60 +6,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from configs import digits_lcd
-from lcm_jax import models
 from lcm_jax.diffusion import consistency
 from lcm_jax.diffusion import schedule as sched
 from lcm_jax.models import lora
-from lcm_jax.models import vae as vae_lib
 from lcm_jax.objectives import conditioning
-from lcm_jax.objectives.lcd import LCDObjective, Teacher
-from conftest import f32_tol, fast_compile
-
-B, IMAGE, NULL = 4, (8, 8, 1), 10
-
-
-def tiny_config(**lcd):
-    c = digits_lcd.get_config("tiny")
-    c.model.update(patch_size=2, width=32, depth=1, num_heads=2)
-    c.optimizer.update(lr=1e-3, warmup_steps=0, decay="constant", eps=1e-4)
-    c.lcd.update(w_min=1.0, w_max=5.0, sample_posterior=True, **lcd)  # the reference draws
-    return c
-
-
-def randomized(params, rng, scale=0.05):
-    """DiT starts as an exact zero function: perturb every param so the test sees real math.
-    numpy noise (seeded by the key): one jax.random call per leaf costs seconds of compiles."""
-    gen = np.random.default_rng(int(np.asarray(jax.random.key_data(rng)).ravel()[-1]))
-    return jax.tree.map(lambda p: p + scale * gen.standard_normal(p.shape).astype(p.dtype), params)
-
-
-def tiny_teacher(config, prediction_type="epsilon", with_vae=True, w_dim=None):
-    vae_module = vae_lib.from_config(dict(in_channels=1, out_channels=1, block_out_channels=[8, 16],
-                                          latent_channels=4, norm_num_groups=4, sample_size=8,
-                                          scaling_factor=0.7))
-    # One initialisation program each, at XLA O0 (eager init compiles op by op: ~50 s).
-    vae_params = randomized(fast_compile(lambda: vae_module.init(
-        jax.random.PRNGKey(1), jnp.zeros((1,) + IMAGE))["params"]), jax.random.PRNGKey(2))
-    latent_shape = (4, 4, 4) if with_vae else IMAGE
-    net = models.make_model(config.model, latent_shape[-1])
-    x = jnp.zeros((1,) + latent_shape)
-    params = randomized(fast_compile(lambda: net.init(jax.random.PRNGKey(3), x, jnp.zeros((1,), jnp.int32),
-                                                      jnp.zeros((1,), jnp.int32))), jax.random.PRNGKey(4), 0.2)
-    student = models.make_model(config.model, latent_shape[-1], w_dim or config.lcd.w_embedding_dim)
-    schedule = sched.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
-    return Teacher(net, params, schedule, prediction_type, conditioning.ClassConditioning(NULL),
-                   latent_shape, vae_module if with_vae else None,
-                   vae_params if with_vae else None, student)
-
-
-def batch():
-    rng = np.random.default_rng(0)
-    return {"image": rng.uniform(-1, 1, (B,) + IMAGE).astype(np.float32),
-            "label": np.asarray([0, 3, 7, 9], np.int32)}
+from lcm_jax.objectives.parts import Base
+from conftest import fast_compile
+from support.lcd import (B, NULL, batch, max_diff, plain_update, randomized, step_tol, tiny_config,
+                         tiny_teacher)
+from support.lcd import objective as lcd_objective
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,7 +24,7 @@ def batch():
 # ----------------------------------------------------------------------------------------------
 
 def reference_step(objective, state, batch, frozen):
-    c, teacher = objective.config, objective.teacher
+    c, teacher = objective.config, objective.base
     abar = jnp.asarray(teacher.schedule.alphas_cumprod)
     rng = jax.random.fold_in(state.rng, state.step)
     keys = [jax.random.fold_in(rng, i) for i in range(B)]  # the per-example draw contract
@@ -87,8 +44,8 @@ def reference_step(objective, state, batch, frozen):
     x_t = jnp.sqrt(a_t) * z + jnp.sqrt(1 - a_t) * noise
     labels = batch["label"]
 
-    eps_c = teacher.net.apply(frozen["teacher"], x_t, t, labels)  # two separate calls
-    eps_u = teacher.net.apply(frozen["teacher"], x_t, t, jnp.full_like(labels, NULL))
+    eps_c = teacher.net.apply(frozen["base"], x_t, t, labels)  # two separate calls
+    eps_u = teacher.net.apply(frozen["base"], x_t, t, jnp.full_like(labels, NULL))
     x0_c = (x_t - jnp.sqrt(1 - a_t) * eps_c) / jnp.sqrt(a_t)
     x0_u = (x_t - jnp.sqrt(1 - a_t) * eps_u) / jnp.sqrt(a_t)
     x0_w = x0_c + col(w) * (x0_c - x0_u)
@@ -97,7 +54,7 @@ def reference_step(objective, state, batch, frozen):
 
     lora_mode = bool(c.lcd.get("lora"))
     net = teacher.net if lora_mode else teacher.student_net
-    full = (lambda p: lora.merge(frozen["teacher"], p, c.lcd.lora.alpha)) if lora_mode else (lambda p: p)
+    full = (lambda p: lora.merge(frozen["base"], p, c.lcd.lora.alpha)) if lora_mode else (lambda p: p)
     w_emb = None if lora_mode else consistency.guidance_scale_embedding(w, 256)
 
     def f(params, x, tt):
@@ -111,36 +68,11 @@ def reference_step(objective, state, batch, frozen):
     return plain_update(state, lambda p: jnp.mean(jnp.sqrt((f(p, x_t, t) - target) ** 2 + 0.001 ** 2) - 0.001))
 
 
-LR, ADAM_EPS = 1e-3, 1e-4
-
-
-def plain_update(state, loss_fn):
-    """(loss, params, ema) after one clipped AdamW step on loss_fn(params) and the 0.95 EMA."""
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, eps=ADAM_EPS, weight_decay=0.0))
-    updates, _ = tx.update(grads, tx.init(state.params), state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: 0.95 * e + 0.05 * p, state.ema_params, params)
-    return loss, params, ema
-
-
-def max_diff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def step_tol(params):
-    """Params after the fused step vs plain_update's: two programs, so float32 reassociation, not
-    bit equality. 16 ulps of gradient rounding (clipping keeps each gradient <= 1) move Adam's
-    first step lr g / (|g| + eps) by up to lr / eps = 10 times that, plus the params' own
-    rounding; a wrong step is off by ~lr = 1e-3."""
-    return f32_tol(16 * (1 + LR / ADAM_EPS), *jax.tree.leaves(params))
-
-
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fused_step_equals_unfused_math(mode):
     lora_config = dict(rank=4, alpha=4.0, targets=("qkv", "fc1", "fc2")) if mode == "lora" else None
     config = tiny_config(lora=lora_config, target="online" if mode == "lora" else "ema")
-    objective = LCDObjective(config, tiny_teacher(config))
+    objective = lcd_objective(config, tiny_teacher(config))
     frozen = objective.frozen
     state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
     # A state whose online and EMA networks differ, and whose LoRA B is non-zero.
@@ -157,18 +89,18 @@ def test_fused_step_equals_unfused_math(mode):
     if mode == "lora":  # ONE base network: the state holds only the adapters
         assert set(jax.tree.leaves(jax.tree.map(lambda x: x.ndim, state.params))) <= {2}
         assert sum(x.size for x in jax.tree.leaves(state.params)) < 0.2 * sum(
-            x.size for x in jax.tree.leaves(frozen["teacher"]))
+            x.size for x in jax.tree.leaves(frozen["base"]))
 
 
 def test_student_starts_as_the_teacher():
     config = tiny_config()
-    objective = LCDObjective(config, tiny_teacher(config))
+    objective = lcd_objective(config, tiny_teacher(config))
     state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), objective.frozen)
     x = jax.random.normal(jax.random.PRNGKey(1), (B, 4, 4, 4))
     t, labels = jnp.asarray([19, 259, 499, 999]), jnp.asarray([1, 2, 3, NULL])
     w_emb = consistency.guidance_scale_embedding(jnp.asarray([1.0, 2.0, 3.0, 4.0]), 256)
-    student = objective.student_net.apply(state.params, x, t, labels, w_emb)
-    teacher = objective.teacher.net.apply(objective.frozen["teacher"], x, t, labels)
+    student = objective.network.denoiser.apply(state.params, x, t, labels, w_emb)
+    teacher = objective.base.net.apply(objective.frozen["base"], x, t, labels)
     np.testing.assert_allclose(student, teacher, atol=1e-6)
     assert float(jnp.max(jnp.abs(teacher))) > 1e-2
 
@@ -202,9 +134,9 @@ def test_cfg_solver_step_is_exact(prediction_type, solver):
     rng = np.random.default_rng(0)
     x0_c, x0_u, eps = (jnp.asarray(rng.standard_normal((B, 4, 4, 4)), jnp.float32) for _ in range(3))
     fake = PointMassTeacher(x0_c, x0_u, schedule, prediction_type)
-    teacher = Teacher(fake, {}, schedule, prediction_type, conditioning.ClassConditioning(NULL),
+    teacher = Base(fake, {}, schedule, prediction_type, conditioning.ClassConditioning(NULL),
                       (4, 4, 4), student_net=fake)
-    objective = LCDObjective(config, teacher)
+    objective = lcd_objective(config, teacher)
     t, s = jnp.asarray([999, 519, 259, 39]), jnp.asarray([979, 499, 239, 19])
     w = jnp.asarray([0.0, 1.0, 3.0, 7.5])
     col = lambda a: a[:, None, None, None]
@@ -266,7 +198,7 @@ def test_bfloat16_storage_keeps_a_float32_master():
         config = tiny_config()
         config.model.param_dtype = param_dtype
         config.batch_size = B
-        program = train.Program(config, LCDObjective(config, tiny_teacher(config)), batch())
+        program = train.Program(config, lcd_objective(config, tiny_teacher(config)), batch())
         state = program.init_fn(jax.random.PRNGKey(0))
         frozen_dtypes = {x.dtype for x in jax.tree.leaves(program.frozen)}
         assert frozen_dtypes == {jnp.dtype(param_dtype)}, frozen_dtypes

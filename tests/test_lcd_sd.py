@@ -10,26 +10,9 @@ pytest.importorskip("diffusers")
 import jax  # noqa: E402
 
 from configs import sd15_lcd, sd15_lcf, sd15_lcm_lora, sd15_tcd, sdxl_tcd_lora  # noqa: E402
-from lcm_jax import config_checks, teachers  # noqa: E402
-from lcm_jax.objectives.lcd import LCDObjective  # noqa: E402
-from test_pipeline import build  # noqa: E402
+from lcm_jax import config_checks, objectives, teachers  # noqa: E402
 from conftest import fast_compile  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sd")
-    build(tmp, "ddim")
-    return str(tmp / "pipe")
-
-
-def config_for(module, folder):
-    c = module.get_config(folder)
-    c.data.update(name="folder", path=folder, image_size=16)  # any existing folder passes checks
-    c.batch_size = 2
-    c.sample.prompts = ("a cat",)
-    c.optimizer.warmup_steps = 0  # step 0 of a warmup has lr 0
-    return c
+from support.sd import config_for  # noqa: E402
 
 
 @pytest.mark.parametrize("module", [sd15_lcd, sd15_lcm_lora], ids=["full", "lora"])
@@ -37,13 +20,13 @@ def test_sd_folder_distils(folder, module):
     config = config_for(module, folder)
     config.lcd.lora and config.lcd.lora.update(rank=2, alpha=2.0)
     config_checks.validate(config, device_count=1, process_count=1)
-    objective = LCDObjective(config, teachers.from_pretrained(config))
-    assert objective.teacher.latent_shape == (8, 8, 4)
+    objective = objectives.build(config, "", None)  # the registry: lcd on the folder
+    assert objective.base.latent_shape == (8, 8, 4)
     batch = objective.prepare_batch({"image": np.random.default_rng(0).uniform(
         -1, 1, (2, 16, 16, 3)).astype(np.float32), "caption": np.asarray(["a cat", "a dog"])})
     assert batch["input_ids"].shape == (2, 12) and "caption" not in batch
     frozen = objective.frozen
-    assert set(frozen) == {"teacher", "text_encoder", "vae"}
+    assert set(frozen) == {"base", "text_encoder", "vae"}
     state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
     new_state, metrics = fast_compile(objective.train_step, state, batch, frozen)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
@@ -66,12 +49,12 @@ def test_sd_config_refuses_a_missing_folder():
 
 def test_tcd_lora_and_lcf_configs(folder):
     """SD 1.5 TCD, SDXL TCD-LoRA and SD 1.5 LCF validate before compiling (TCD's step on a
-    folder is LCD's with two methods swapped: test_tcd_lcf checks them); LCF refuses a folder that is not
+    folder is LCD's with another strategy: test_tcd_lcf checks them); LCF refuses a folder that is not
     an LCM (no time_cond_proj_dim) with the fix."""
     for module in (sd15_tcd, sdxl_tcd_lora, sd15_lcf):
         config_checks.validate(config_for(module, folder), device_count=1, process_count=1)
     with pytest.raises(ValueError, match="time_cond_proj_dim=None.*point config.model.pretrained at an LCM"):
-        teachers.from_pretrained(config_for(sd15_lcf, folder))
+        objectives.build(config_for(sd15_lcf, folder), "", None)
 
 
 def test_sd_folder_smooth_diffusion_lora(folder):

@@ -1,7 +1,4 @@
 """LEGO bricks (models/lego.py) and their EDM objective (objectives/edm.py)."""
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,19 +8,13 @@ from conftest import f32_tol, fast_compile
 from lcm_jax import config_checks, models
 from lcm_jax.models import lego
 from lcm_jax.objectives import edm as edm_objective
+from lcm_jax.objectives.edm import EDMObjective
+from support.lego import digits_lego_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W, H = 16, 2  # tiny brick width and heads
 PG = ((4, 2, 1, W, H), (8, 4, 1, W, H), (16, 2, 1, W, H))
 PR = tuple(reversed(PG))
 U = ((16, 2, 1, W, H), (4, 2, 1, W, H), (16, 2, 1, W, H))
-
-
-def digits_lego_config(arg):
-    spec = importlib.util.spec_from_file_location("digits_lego", os.path.join(ROOT, "configs/digits_lego.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def random_params(module, shape, seed=0, scale=0.2):
@@ -155,23 +146,21 @@ def test_patch_subsampling_computes_only_the_chosen_tiles():
 @pytest.fixture(scope="module")
 def tiny_pg():
     """The tiny digits LEGO-PG config's objective and a batch."""
-    from lcm_jax import data, objectives
+    from lcm_jax import data
 
     config = digits_lego_config("pg,tiny")
     config.total_steps = 200  # the learning rate's cosine decay spans the steps the tests take
     config_checks.validate(config)
     pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
     model = models.make_model(config.model, 1)
-    return config, objectives.make_objective(config, model, (16, 16, 1)), pipeline.batch_at(0)
+    return config, EDMObjective(config, model, (16, 16, 1)), pipeline.batch_at(0)
 
 
 def test_patch_subsampling_saves_training_flops(tiny_pg):
     config, objective, batch = tiny_pg
-    from lcm_jax import objectives
-
     sub_config = config.copy_and_resolve_references()
     sub_config.edm.tile_fraction = 0.5
-    sub = objectives.make_objective(sub_config, objective.model, (16, 16, 1))
+    sub = EDMObjective(sub_config, objective.network.denoiser, (16, 16, 1))
     assert sub.tile_counts() == [8, 2, None]
     batch = {k: v for k, v in batch.items() if k != "caption"}
     state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0))
@@ -179,6 +168,7 @@ def test_patch_subsampling_saves_training_flops(tiny_pg):
     assert flops[1] < 0.9 * flops[0], flops
 
 
+@pytest.mark.slow
 def test_a_few_training_steps_reduce_the_loss(tiny_pg):
     config, objective, batch = tiny_pg
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "caption"}
@@ -194,7 +184,7 @@ def test_a_few_training_steps_reduce_the_loss(tiny_pg):
 
 def test_sampling_on_larger_canvases_and_with_skipping(tiny_pg):
     config, objective, _ = tiny_pg
-    params = random_params(objective.model.module, (16, 16, 1), scale=0.05)
+    params = random_params(objective.network.denoiser.module, (16, 16, 1), scale=0.05)
     labels = jnp.array([3, 7])
     sc = config.eval.copy_and_resolve_references()
     draw = lambda t_break, shape: fast_compile(
@@ -273,7 +263,7 @@ def test_config_checks_name_the_bad_lego_fields():
 
 def test_latent_lego_encodes_inside_the_step_and_decodes_samples(tmp_path):
     """model.vae: a frozen diffusers VAE folder; the step trains on its latents, samples decode."""
-    from lcm_jax import data, objectives
+    from lcm_jax import data
     from lcm_jax.models import vae as vae_lib
 
     vae_config = dict(in_channels=1, out_channels=1, block_out_channels=[8, 16], latent_channels=4,
@@ -285,7 +275,7 @@ def test_latent_lego_encodes_inside_the_step_and_decodes_samples(tmp_path):
     config.model.vae = str(tmp_path)
     config.model.stack = [[4, 2, 1, W, H], [8, 4, 1, W, H]]
     config_checks.validate(config)
-    objective = objectives.make_objective(config, models.make_model(config.model, 4), (16, 16, 1))
+    objective = EDMObjective(config, models.make_model(config.model, 4), (16, 16, 1))
     assert objective.image_shape == (8, 8, 4)
     batch = data.make_pipeline(config.data, global_batch_size=4, seed=0).batch_at(0)
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "caption"}

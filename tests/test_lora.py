@@ -10,8 +10,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from lcm_jax.models import convert, lora, unet  # noqa: E402
-from test_unet import (CONFIGS, fast_compile, inputs, jax_forward, random_torch_unet,  # noqa: E402
-                       torch_forward)
+from conftest import fast_compile  # noqa: E402
+from support.unet import CONFIGS, inputs, jax_forward, random_torch_unet, torch_forward  # noqa: E402
 
 
 @pytest.fixture(scope="module")

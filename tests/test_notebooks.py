@@ -35,7 +35,7 @@ def tiny_sd_folders(tmp):
     import jax
 
     from lcm_jax.models import lora
-    from test_pipeline import build
+    from support.sd import build
 
     _, base = build(tmp / "base", "ddim")
     build(tmp / "lcm", "lcm")
@@ -74,6 +74,7 @@ def test_every_notebook_has_tiny_parameters():
     assert {os.path.basename(p) for p in NOTEBOOKS} == set(TINY)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, monkeypatch, request):
     nb = nbformat.read(path, as_version=4)

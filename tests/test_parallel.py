@@ -21,6 +21,7 @@ def check(objectives: str) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.strip().splitlines()[-len(objectives.split(",")):]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objectives", ["diffusion", "lcd,tcd,smooth", "lego"])
 def test_layouts_match_one_device_and_fsdp_shards(objectives):
     """Two steps of plain diffusion (data8, data2_fsdp4, fsdp8, pmap8), of LCD, TCD and Smooth
@@ -62,6 +63,7 @@ def test_mesh_shape_fills():
         parallel.mesh_shape(ConfigDict(dict(data=3, fsdp=1)), 8)
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_match_one(tmp_path):
     """A real multi-controller run: 2 processes x 1 CPU device (gloo collectives) train the tiny
     config, checkpoint (data positions all-gathered) and end where one process ends."""

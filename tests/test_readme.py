@@ -13,7 +13,7 @@ def readme_commands():
 
 def test_readme_opens_with_main_job_then_tests():
     main_job, tests = readme_commands()
-    assert "experiments/main.py" in main_job and "pip install" in main_job
+    assert "python -m experiments.main" in main_job and "pip install" in main_job
     assert "pytest" in tests and "pip install" in tests
 
 
@@ -28,5 +28,5 @@ def test_config_docstrings_give_command_runtime_and_result():
     for name in sorted(os.listdir(folder)):
         if name.endswith(".py") and not name.startswith("_"):  # _*.py: shared helpers
             doc = open(os.path.join(folder, name)).read().split('"""')[1]
-            assert "python experiments/main.py" in doc, name
+            assert "python -m experiments.main" in doc, name
             assert "Expected" in doc, name

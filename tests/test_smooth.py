@@ -9,48 +9,38 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import test_lcd
 from conftest import f32_tol
-from configs import digits_smooth
 from lcm_jax import data as data_lib
 from lcm_jax import train
 from lcm_jax.models import convert
 from lcm_jax.objectives.smooth import SmoothObjective
-
-
-def tiny_config(**smooth):
-    c = digits_smooth.get_config("tiny")
-    c.model.update(patch_size=2, width=32, depth=1, num_heads=2)
-    c.data.image_size = 8
-    c.optimizer.update(lr=1e-3, eps=1e-4)
-    if "lora" in smooth:
-        c.smooth.lora = smooth.pop("lora")
-    c.smooth.update(sample_posterior=True, cond_drop_prob=0.25, **smooth)
-    return c
+from support import lcd
+from support.smooth import tiny_config
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    return test_lcd.tiny_teacher(tiny_config(), w_dim=8)
+    return lcd.tiny_teacher(tiny_config(), w_dim=8)
 
 
 def objective_and_state(teacher, **smooth):
     objective = SmoothObjective(tiny_config(**smooth), teacher)
     state = objective.init_state(jax.random.PRNGKey(0), objective.frozen)
     if objective.lora:  # B starts at 0: make the adapters matter
-        state = state.replace(params=test_lcd.randomized(state.params, jax.random.PRNGKey(5), 0.1))
+        state = state.replace(params=lcd.randomized(state.params, jax.random.PRNGKey(5), 0.1))
     return objective, state
 
 
 def explicit_loss(objective, params, mean, batch, frozen, rng):
     """The same loss with each example's Jacobian d x0_hat / d eps built as a [D, D] matrix."""
     d = objective.draws(rng, batch["image"].shape[0])
-    z = objective.latents(batch, frozen, d["posterior_noise"])
+    z = objective.latent.encode(batch, frozen, d["posterior_noise"])
     labels = jnp.where(d["drop"], objective.conditioning.null_class, batch["label"])
-    net_params = objective.model_params(params, frozen)
+    net_params = objective.network.params(params, frozen)
     # jacfwd is forward-mode: the chunked attention (a custom VJP, reverse mode only) is swapped
     # for XLA's, the same math.
-    net = dataclasses.replace(objective.net, module=objective.net.module.clone(attention="xla"))
+    denoiser = objective.network.denoiser
+    net = dataclasses.replace(denoiser, module=denoiser.module.clone(attention="xla"))
     alpha, sigma = objective.schedule.alpha_sigma(d["t"])
     shape, dim = z.shape[1:], int(np.prod(z.shape[1:]))
 
@@ -73,12 +63,14 @@ def explicit_loss(objective, params, mean, batch, frozen, rng):
 
 def test_penalty_and_gradient_equal_explicit_jacobian(teacher):
     objective, state = objective_and_state(teacher)
-    batch, rng, mean = test_lcd.batch(), jax.random.PRNGKey(7), jnp.float32(0.3)
-    fused = jax.jit(jax.value_and_grad(lambda p, b: objective.loss(p, mean, b, objective.frozen, rng),
+    batch, rng, mean = lcd.batch(), jax.random.PRNGKey(7), jnp.float32(0.3)
+    with_mean = state.replace(stats={"variation_mean": mean})
+    fused = jax.jit(jax.value_and_grad(lambda p, b: objective.loss(p, with_mean, b, objective.frozen, rng),
                                        has_aux=True))
     explicit = jax.jit(jax.value_and_grad(lambda p, b: explicit_loss(
         objective, p, mean, b, objective.frozen, rng), has_aux=True))
-    (loss, (metrics, new_mean)), grads = fused(state.params, batch)
+    (loss, (metrics, stats)), grads = fused(state.params, batch)
+    new_mean = stats["variation_mean"]
     (ref_loss, (ref_penalty, ref_mean)), ref_grads = explicit(state.params, batch)
     assert metrics["variation_penalty"] > 1e-3  # a real penalty, not a vanishing one
     np.testing.assert_allclose(metrics["variation_penalty"], ref_penalty, rtol=2e-5)
@@ -97,7 +89,7 @@ def test_penalty_gradient_reaches_every_lora_factor(teacher):
     """The penalty's own gradient is nonzero in every LoRA factor: it flows through the VJP into
     the adapters, not only through the MSE."""
     objective, state = objective_and_state(teacher)
-    penalty = lambda p: objective.loss(p, jnp.float32(0.0), test_lcd.batch(), objective.frozen,
+    penalty = lambda p: objective.loss(p, state, lcd.batch(), objective.frozen,
                                        jax.random.PRNGKey(1))[1][0]["variation_penalty"]
     grads = convert.flatten(jax.jit(jax.grad(penalty))(state.params))
     assert {p[-1] for p in grads} == {"lora_A", "lora_B"}
@@ -106,6 +98,7 @@ def test_penalty_gradient_reaches_every_lora_factor(teacher):
         assert float(jnp.max(jnp.abs(g))) > 0, path
 
 
+@pytest.mark.slow
 def test_running_mean_is_trained_and_restored(teacher, tmp_path):
     """A killed run resumes with the running mean it had: two steps, then the same run resumed
     from step 2, ends bit for bit like four straight steps."""

@@ -11,17 +11,16 @@ import pytest
 from lcm_jax.diffusion import consistency
 from lcm_jax.diffusion import schedule as sched
 from lcm_jax.models import lora
-from lcm_jax.objectives.lcd import LCDObjective, Teacher
-from lcm_jax.objectives.lcf import LCFObjective
-from lcm_jax.objectives.tcd import TCDObjective
+from lcm_jax.objectives.parts import Base
 from conftest import f32_tol, fast_compile
-from test_lcd import (B, NULL, batch, max_diff, plain_update, randomized, step_tol, tiny_config,
-                      tiny_teacher)
+from support.lcd import (B, NULL, batch, max_diff, plain_update, randomized, step_tol, tiny_config,
+                         tiny_teacher)
+from support.lcd import objective as consistency_objective
 
 
 def plain_draws(objective, state, images, frozen):
     """LCD's per-example draws and latents, written out: n, w, noise, posterior noise, u."""
-    c, teacher = objective.config, objective.teacher
+    c, teacher = objective.config, objective.base
     rng = jax.random.fold_in(state.rng, state.step)
     keys = [jax.random.fold_in(rng, i) for i in range(B)]
     shape = teacher.latent_shape
@@ -50,7 +49,7 @@ def ddim_jump(abar, x, x0, t, s):
 def reference_step(objective, state, batch, frozen, kind):
     """kind 'tcd': teacher CFG-DDIM pair point, trajectory function to s_end; 'lcf': the forward
     process on the same sample and noise, LCD's c_skip / c_out consistency function."""
-    c, teacher = objective.config, objective.teacher
+    c, teacher = objective.config, objective.base
     abar = jnp.asarray(teacher.schedule.alphas_cumprod)
     n, w, noise, u, z = plain_draws(objective, state, batch["image"], frozen)
     k = 1000 // c.lcd.num_ddim_timesteps
@@ -61,8 +60,8 @@ def reference_step(objective, state, batch, frozen, kind):
     x0_of = lambda out, x, tt: (x - jnp.sqrt(1 - col(abar[tt])) * out) / jnp.sqrt(col(abar[tt]))
 
     if kind == "tcd":
-        eps_c = teacher.net.apply(frozen["teacher"], x_t, t, labels)
-        eps_u = teacher.net.apply(frozen["teacher"], x_t, t, jnp.full_like(labels, NULL))
+        eps_c = teacher.net.apply(frozen["base"], x_t, t, labels)
+        eps_u = teacher.net.apply(frozen["base"], x_t, t, jnp.full_like(labels, NULL))
         x0_c, x0_u = x0_of(eps_c, x_t, t), x0_of(eps_u, x_t, t)
         eps_w = eps_c + col(w) * (eps_c - eps_u)
         x_s = jnp.sqrt(col(abar[s])) * (x0_c + col(w) * (x0_c - x0_u)) + jnp.sqrt(1 - col(abar[s])) * eps_w
@@ -73,7 +72,7 @@ def reference_step(objective, state, batch, frozen, kind):
 
     lora_mode = bool(c.lcd.get("lora"))
     net = teacher.net if lora_mode else teacher.student_net
-    full = (lambda p: lora.merge(frozen["teacher"], p, c.lcd.lora.alpha)) if lora_mode else (lambda p: p)
+    full = (lambda p: lora.merge(frozen["base"], p, c.lcd.lora.alpha)) if lora_mode else (lambda p: p)
     w_emb = None if lora_mode else consistency.guidance_scale_embedding(w, 256)
 
     def f(params, x, tt):
@@ -98,8 +97,9 @@ def lcm_record(config):
     params = teacher.student_net.init(jax.random.PRNGKey(7), jnp.zeros(shape), jnp.zeros((1,), jnp.int32),
                                       jnp.zeros((1,), jnp.int32), jnp.zeros((1, 256)))
     params = randomized(params, jax.random.PRNGKey(8), 0.2)
-    return Teacher(teacher.student_net, params, teacher.schedule, teacher.prediction_type,
-                   teacher.conditioning, teacher.latent_shape, teacher.vae, teacher.vae_params)
+    return Base(teacher.student_net, params, teacher.schedule, teacher.prediction_type,
+                teacher.conditioning, teacher.latent_shape, teacher.vae, teacher.vae_params,
+                student_net=teacher.student_net)  # an LCM: its own network is the student
 
 
 @pytest.mark.parametrize("kind", ["tcd", "tcd_lora", "lcf"])
@@ -108,14 +108,14 @@ def test_fused_step_equals_unfused_math(kind):
     config = tiny_config(lora=lora_config, target="online" if lora_config else "ema",
                          loss="l2" if kind.startswith("tcd") else "huber", num_ddim_timesteps=20)
     if kind == "lcf":
-        objective = LCFObjective(config, lcm_record(config))
-        assert "teacher" not in objective.frozen  # no teacher: nothing to call
+        objective = consistency_objective(config, lcm_record(config), "lcf")
+        assert not objective.strategy.teacher  # no teacher: nothing to call
     else:
-        objective = TCDObjective(config, tiny_teacher(config))
+        objective = consistency_objective(config, tiny_teacher(config), "tcd")
     frozen = objective.frozen
     state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
     if kind == "lcf":  # the fine-tune starts as the LCM, cond_proj included
-        assert max_diff(state.params, frozen["lcm"]) == 0
+        assert max_diff(state.params, frozen["base"]) == 0
     state = state.replace(params=randomized(state.params, jax.random.PRNGKey(5), 0.02),
                           step=jnp.asarray(3, jnp.int32))
     new_state, metrics = fast_compile(objective.train_step, state, batch(), frozen)
@@ -151,7 +151,7 @@ def test_tcd_with_a_one_step_grid_and_s_zero_is_lcd():
     betas = sched.make_betas("scaled_linear", 1000, 0.00085, 0.012)
     betas[0] = 0.0
     teacher.schedule = sched.make_schedule(trained_betas=betas)
-    tcd, lcd = TCDObjective(config, teacher), LCDObjective(config, teacher)
+    tcd, lcd = (consistency_objective(config, teacher, name) for name in ("tcd", "lcd"))
     state = jax.jit(tcd.init_state)(jax.random.PRNGKey(0), tcd.frozen)
     state = state.replace(params=randomized(state.params, jax.random.PRNGKey(5), 0.02))
     rng = jax.random.PRNGKey(3)

@@ -34,6 +34,7 @@ def test_environment_wins_over_the_config(monkeypatch):
     assert tracking.mode(config) == "disabled" and tracking.start(config, "unused") is None
 
 
+@pytest.mark.slow
 def test_offline_run_holds_everything_and_resumes(tmp_path, monkeypatch):
     from lcm_jax import train
 
@@ -44,9 +45,9 @@ def test_offline_run_holds_everything_and_resumes(tmp_path, monkeypatch):
     config.sample.every_steps = 2
     workdir = str(tmp_path / "run")
     objective, pipeline = tiny_run.build(config)
-    train.run(config, workdir, objective, pipeline, evaluate=lambda params, frozen: TABLE)
+    train.run(config, workdir, objective, pipeline, evaluate=lambda step, params, frozen: TABLE)
     config.total_steps = 4  # the same workdir, longer: resumes from step 2
-    train.run(config, workdir, objective, pipeline, evaluate=lambda params, frozen: TABLE)
+    train.run(config, workdir, objective, pipeline, evaluate=lambda step, params, frozen: TABLE)
 
     first, second = wandb_records.read_runs(workdir)
     assert first["id"] == second["id"] == open(os.path.join(workdir, "wandb_run_id")).read()

@@ -40,6 +40,7 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
     steps = sorted(int(d) for d in os.listdir(uninterrupted / "checkpoints") if d.isdigit())
     assert steps == [2, 4, 6]  # every 2 steps, keep 3
@@ -49,6 +50,7 @@ def test_run_writes_checkpoints_metrics_and_samples(uninterrupted):
     assert os.path.exists(uninterrupted / "samples_0000006.png")
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
     proc = run_tiny(tmp_path, "--kill-at", "3", check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
@@ -60,12 +62,14 @@ def test_kill_9_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
         np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits(tmp_path):
     run_tiny(tmp_path, "--term-at", "3")
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert steps == [2, 3]
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back(uninterrupted, tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(uninterrupted, workdir)
@@ -112,6 +116,7 @@ def snapshot(folder) -> dict:
     return files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, leaf", [
     ("model.width=48", "params/blocks_0/attn/proj/kernel saved (32, 32) float32, now (48, 48)"),
     ("model.depth=2", "params/blocks_1/attn/proj/kernel new in this run"),
@@ -127,6 +132,7 @@ def test_changed_model_refuses_to_resume_and_touches_nothing(uninterrupted, tmp_
     assert snapshot(workdir) == before  # nothing renamed, nothing written, config.json kept
 
 
+@pytest.mark.slow
 def test_changed_schedule_resumes_and_keeps_the_old_config(uninterrupted, tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(uninterrupted, workdir)
@@ -140,6 +146,7 @@ def test_changed_schedule_resumes_and_keeps_the_old_config(uninterrupted, tmp_pa
     assert sorted(p.name for p in workdir.glob("config*.json")) == ["config.6.json", "config.json"]
 
 
+@pytest.mark.slow
 def test_resume_across_device_counts(uninterrupted, tmp_path):
     """orbax reshards: a checkpoint written on 8 devices (params FSDP-sharded 8 ways) resumes on
     1, and one written on 1 resumes on 8. Different device counts reduce in another order, so
@@ -169,7 +176,7 @@ def test_a_failing_final_evaluation_loses_nothing(tmp_path):
     objective, pipeline = tiny_run.build(config)
     trained = []
 
-    def boom(params, frozen):
+    def boom(step, params, frozen):
         raise RuntimeError("scorer weights missing")
 
     with pytest.raises(RuntimeError, match="scorer weights missing"):
@@ -201,6 +208,7 @@ class _Guarded:
         return guarded
 
 
+@pytest.mark.slow
 def test_the_loop_touches_the_workdir_only_through_epath(tmp_path, monkeypatch):
     """A bucket (gs://) has no os.path / open: the loop, checkpoints, config.json, metrics,
     sample grids and W&B's run id must go through epath. Here a local workdir stands in for the

@@ -22,13 +22,11 @@ def tiny_config(overrides=()):
 def build(config):
     import jax
 
-    from lcm_jax import data, models, objectives, train
+    from lcm_jax import data, objectives
 
     pipeline = data.make_pipeline(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                   process_index=jax.process_index(), process_count=jax.process_count())
-    image_shape = train.peek(pipeline)["image"].shape[1:]
-    model = models.make_model(config.model, image_shape[-1])
-    return objectives.make_objective(config, model, image_shape), pipeline
+    return objectives.build(config, "", pipeline), pipeline
 
 
 def flat_params(state):
