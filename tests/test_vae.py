@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from conftest import f32_tol  # noqa: E402
 from lcm_jax.models import convert, vae  # noqa: E402
+from support.unet import random_torch  # noqa: E402
 
 BASE = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
             norm_num_groups=4, latent_channels=4, sample_size=32,
@@ -40,12 +41,7 @@ def max_err(ours, ref):
 
 
 def random_torch_vae(config, seed=0):
-    torch.manual_seed(seed)
-    model = diffusers.AutoencoderKL(**config).eval()
-    with torch.no_grad():  # move every weight off its init (norms 1/0, zero biases) so all matter
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return random_torch(diffusers.AutoencoderKL, config, seed)
 
 
 @pytest.fixture(scope="session", params=sorted(CONFIGS))

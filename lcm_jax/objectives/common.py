@@ -109,6 +109,18 @@ def run_sampler(sample_config, model_fn, x, schedule, prediction_type: str, rng,
                            prediction_type=prediction_type, **kwargs)
 
 
+def guided_samples(apply, conditioning, latent, schedule, prediction_type: str, frozen, rng,
+                   num_images: int, sample_config, **defaults):
+    """(images in [-1, 1], labels): `apply(x, t, cond)` sampled under classifier-free guidance
+    (sample_config's sampler, steps and guidance scale; one batched call of 2B per step) from
+    the conditioning's sample conditions, decoded from `latent` (a parts.LatentSpace)."""
+    cond, uncond, labels = conditioning.sample_conditions(frozen, num_images)
+    z = jax.random.normal(rng, (num_images,) + latent.shape)
+    model_fn = samplers.guided(apply, cond, uncond, sample_config.guidance_scale)
+    latents = run_sampler(sample_config, model_fn, z, schedule, prediction_type, rng, **defaults)
+    return latent.decode(frozen, latents), labels
+
+
 def example_keys(rng, local_batch_size: int, axis_name: str | None = None):
     """One key per example, keyed by the example's GLOBAL index: the same numbers whether the
     batch runs on one device, sharded under jit, or split over pmap replicas."""

@@ -108,10 +108,8 @@ class ConsistencyObjective:
 
     def init_state(self, rng, frozen) -> TrainState:
         init_rng, rng = jax.random.split(rng)
-        if self.lora:
-            params = self.network.init_adapters(init_rng, frozen, lora.LCM_LORA_TARGETS)
-        else:
-            params = self._student_from(init_rng, frozen)
+        params = self.network.init(init_rng, frozen, lora.LCM_LORA_TARGETS,
+                                   lambda key: self._student_from(key, frozen))
         return TrainState.create(params, self.tx, rng)
 
     def train_step(self, state: TrainState, batch, frozen, axis_name: str | None = None):
@@ -120,21 +118,20 @@ class ConsistencyObjective:
 
     def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
         """Few-step samples of the student (`params`: its EMA), decoded: (images, labels)."""
-        cond, uncond, labels = self.conditioning.sample_conditions(frozen, num_images)
-        z = jax.random.normal(rng, (num_images,) + self.latent.shape)
-        g = sample_config.guidance_scale
-        if self.lora:  # no w-embedding: classifier-free guidance at sampling time
-            student = self.network.params(params, frozen)
-            model_fn = samplers.guided(lambda x, t, c: self.network.denoiser.apply(student, x, t, c),
-                                       cond, uncond, g)
-        else:  # pipelines embed w = guidance_scale - 1; one conditional call per step
-            w_emb = self.w_embedding(jnp.full((num_images,), g - 1.0))
-            model_fn = lambda x, t: self.network.denoiser.apply(params, x, t, cond, w_emb)
         defaults = {}
         if sample_config.sampler in samplers.FEW_STEP:
             defaults = dict(original_inference_steps=self.lcd.num_ddim_timesteps)
             defaults.update(self.scalings if sample_config.sampler == "lcm"
                             else dict(gamma=sample_config.get("gamma", 0.3)))
+        if self.lora:  # no w-embedding: classifier-free guidance at sampling time
+            student = self.network.params(params, frozen)
+            return self._guided(lambda x, t, c: self.network.denoiser.apply(student, x, t, c),
+                                frozen, rng, num_images, sample_config, **defaults)
+        # Pipelines embed w = guidance_scale - 1: one conditional call per step.
+        cond, _, labels = self.conditioning.sample_conditions(frozen, num_images)
+        z = jax.random.normal(rng, (num_images,) + self.latent.shape)
+        w_emb = self.w_embedding(jnp.full((num_images,), sample_config.guidance_scale - 1.0))
+        model_fn = lambda x, t: self.network.denoiser.apply(params, x, t, cond, w_emb)
         latents = common.run_sampler(sample_config, model_fn, z, self.schedule,
                                      self.base.prediction_type, rng, **defaults)
         return self.latent.decode(frozen, latents), labels
@@ -144,13 +141,13 @@ class ConsistencyObjective:
         if not self.strategy.teacher:
             raise UserError("This objective has no teacher to sample (LCF fine-tunes without "
                             "one); evaluate the LCM with sampler 'lcm' or 'tcd'.")
-        cond, uncond, labels = self.conditioning.sample_conditions(frozen, num_images)
-        z = jax.random.normal(rng, (num_images,) + self.latent.shape)
-        teacher = lambda x, t, c: self.base.net.apply(frozen["base"], x, t, c)
-        model_fn = samplers.guided(teacher, cond, uncond, sample_config.guidance_scale)
-        latents = common.run_sampler(sample_config, model_fn, z, self.schedule,
-                                     self.base.prediction_type, rng)
-        return self.latent.decode(frozen, latents), labels
+        return self._guided(lambda x, t, c: self.base.net.apply(frozen["base"], x, t, c),
+                            frozen, rng, num_images, sample_config)
+
+    def _guided(self, apply, frozen, rng, num_images, sample_config, **defaults):
+        return common.guided_samples(apply, self.conditioning, self.latent, self.schedule,
+                                     self.base.prediction_type, frozen, rng, num_images,
+                                     sample_config, **defaults)
 
     def save_outputs(self, workdir: str, params) -> None:
         """The digits student's EMA params, for LCF to fine-tune (SD runs: experiments/export.py)."""

@@ -82,8 +82,11 @@ class Network:
         """What to call the denoiser with (LoRA: the base with the adapters, lora.adapted)."""
         return lora.adapted(frozen["base"], trained, self.lora) if self.lora else trained
 
-    def init_adapters(self, rng, frozen, default_targets):
-        """Fresh LoRA factors on `frozen["base"]` (B = 0: the network starts as the base)."""
+    def init(self, rng, frozen, default_targets, full):
+        """The trained params at step 0: fresh LoRA factors on `frozen["base"]` (B = 0: the
+        network starts as the base; `default_targets` unless `lora.targets`), or `full(rng)`."""
+        if not self.lora:
+            return full(rng)
         return lora.init(rng, frozen["base"], self.lora.get("targets", default_targets),
                          self.lora.rank)
 

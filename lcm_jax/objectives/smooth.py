@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 
 from lcm_jax import config_rules as rules
-from lcm_jax.diffusion import samplers
 from lcm_jax.diffusion import schedule as sched
 from lcm_jax.models import lora
 from lcm_jax.objectives import Export, common, diffusion
@@ -99,11 +98,9 @@ class SmoothObjective:
 
     def init_state(self, rng, frozen) -> TrainState:
         init_rng, rng = jax.random.split(rng)
-        if self.lora:
-            params = self.network.init_adapters(init_rng, frozen, lora.ATTENTION_TARGETS)
-        else:
-            params = frozen["base"]
-        return TrainState.create(params, self.tx, rng, stats={"variation_mean": jnp.zeros((), jnp.float32)})
+        params = self.network.init(init_rng, frozen, lora.ATTENTION_TARGETS, lambda _: frozen["base"])
+        return TrainState.create(params, self.tx, rng,
+                                 stats={"variation_mean": jnp.zeros((), jnp.float32)})
 
     def train_step(self, state: TrainState, batch, frozen, axis_name: str | None = None):
         return common.train_step(self.loss, state, batch, frozen, axis_name, self.tx,
@@ -111,14 +108,10 @@ class SmoothObjective:
 
     def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
         """Samples of the fine-tuned model under classifier-free guidance, decoded."""
-        cond, uncond, labels = self.conditioning.sample_conditions(frozen, num_images)
-        z = jax.random.normal(rng, (num_images,) + self.latent.shape)
         net_params = self.network.params(params, frozen)
-        model_fn = samplers.guided(lambda x, t, c: self.network.denoiser.apply(net_params, x, t, c),
-                                   cond, uncond, sample_config.guidance_scale)
-        latents = common.run_sampler(sample_config, model_fn, z, self.schedule,
-                                     self.prediction_type, rng)
-        return self.latent.decode(frozen, latents), labels
+        return common.guided_samples(lambda x, t, c: self.network.denoiser.apply(net_params, x, t, c),
+                                     self.conditioning, self.latent, self.schedule,
+                                     self.prediction_type, frozen, rng, num_images, sample_config)
 
     def save_outputs(self, workdir: str, params) -> None:
         """W/smooth/params.msgpack (the LoRA factors or the full params, for lcm_jax), and for LoRA

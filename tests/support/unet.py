@@ -29,13 +29,19 @@ CONFIGS = {
 }
 
 
-def random_torch_unet(config, seed=0):
+def random_torch(model_class, config, seed=0):
+    """A diffusers model with every weight moved off its init (norms 1/0, zero biases), so that
+    all of them matter."""
     torch.manual_seed(seed)
-    model = diffusers.UNet2DConditionModel(**config).eval()
-    with torch.no_grad():  # move every weight off its init (norms 1/0, zero biases) so all matter
+    model = model_class(**config).eval()
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def random_torch_unet(config, seed=0):
+    return random_torch(diffusers.UNet2DConditionModel, config, seed)
 
 
 def inputs(config, b=2, size=8, seed=1):
