@@ -6,8 +6,8 @@ Table 3 setting (FID 2.59 with guidance, IS 338).
 
 The argument is a local diffusers AutoencoderKL folder (nothing is downloaded); the step encodes
 each batch with it (a posterior draw, frozen) and samples are decoded. Stack: `U-32` of
-lcm_jax/models/lego.py (the paper's XL-U depths are not published in our references: U-64 L's
-depths at XL width, 1.12B parameters vs the paper's 1.2B). Recipe: Adam lr 1e-4, batch 512, EDM,
+lcm_jax/models/lego.py at XL (the public code's depths 14, 10, 4, 10, 14: 1.26B parameters, the
+paper's "1.2B"). Recipe: Adam lr 1e-4, batch 512, EDM,
 bf16 compute, remat. Compiled memory: `python -m experiments.benchmark --suite lego_memory`.
 Expected (the paper): FID-50k 2.59 and IS 338 with guidance. Not run on this machine.
 """

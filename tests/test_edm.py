@@ -92,3 +92,44 @@ def test_heun_matches_the_algorithm_and_splits_exactly():
     np.testing.assert_allclose(edm.heun(lambda x, s: jnp.broadcast_to(a, x.shape), x, sigmas),
                                np.broadcast_to(a, x.shape), atol=1e-5)
     assert edm.num_evaluations(18) == 35
+
+
+def _stochastic_reference(denoise, x, sigmas, gammas, noises, s_noise):
+    """EDM Algorithm 2 as written, in float64: churn to t_hat, Euler, then the 2nd-order
+    correction unless t_next = 0."""
+    for i, (t, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        t_hat = t * (1 + gammas[i])
+        x_hat = x + np.sqrt(t_hat ** 2 - t ** 2) * s_noise * noises[i]
+        d = (x_hat - denoise(x_hat, t_hat)) / t_hat
+        x = x_hat + (t_next - t_hat) * d
+        if t_next != 0:
+            d_next = (x - denoise(x, t_next)) / t_next
+            x = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_next)
+    return x
+
+
+def test_stochastic_heun_matches_algorithm_2_and_is_algorithm_1_without_churn():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 4, 4, 1)) * 80).astype(np.float32)
+    a = rng.standard_normal((4, 4, 1)).astype(np.float32)
+    denoise_np = lambda x, s: np.tanh(x / np.sqrt(s ** 2 + 0.25)) * a
+    denoise = lambda x, s: jnp.tanh(x / jnp.sqrt(s[:, None, None, None] ** 2 + 0.25)) * a
+    sigmas, key = edm.karras_sigmas(8), jax.random.PRNGKey(5)
+    churn = edm.Churn(s_churn=40.0, s_min=0.05, s_max=50.0, s_noise=1.003)  # EDM's ImageNet-64
+    gammas = churn.gammas(sigmas[:-1], 8)
+    inside = (sigmas[:-1] >= 0.05) & (sigmas[:-1] <= 50.0)
+    assert 0 < inside.sum() < 8 and np.all(gammas == np.where(inside, np.sqrt(2) - 1, 0))
+    noises = [np.asarray(jax.random.normal(jax.random.fold_in(key, i), x.shape), np.float64)
+              for i in range(8)]
+    ref = _stochastic_reference(denoise_np, x.astype(np.float64), sigmas.astype(np.float64),
+                                gammas, noises, 1.003)
+    run = jax.jit(lambda x, c: edm.heun(denoise, x, sigmas, churn=c, rng=key), static_argnums=1)
+    out = run(x, churn)
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+    assert np.max(np.abs(out - run(x, None))) > 1e-2  # the churn is really there
+    # Split in two pieces at step 3 (LEGO's brick switch): the same noise, the same path.
+    split = edm.heun(denoise, edm.heun(denoise, x, sigmas[:4], churn=churn, rng=key, num_steps=8),
+                     sigmas[3:], churn=churn, rng=key, num_steps=8, first_step=3)
+    np.testing.assert_allclose(split, out, rtol=0, atol=f32_tol(64, out))
+    # S_churn = 0: exactly Algorithm 1 (the same program).
+    np.testing.assert_array_equal(run(x, edm.Churn(s_churn=0.0)), run(x, None))

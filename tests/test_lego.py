@@ -143,6 +143,33 @@ def test_patch_subsampling_computes_only_the_chosen_tiles():
     assert not np.allclose(sub[1], full[1])  # the next brick reads the filled tiles
 
 
+def test_nested_tiles_lie_under_the_coarse_choice():
+    chosen = np.array([[1], [2]])  # 16x16 canvas, r_c = 8: tile (0, 1), tile (1, 0)
+    idx = lego.nested_tiles(PG, 16, 16, chosen)
+    assert idx[2] is None and idx[1].tolist() == [[1], [2]]
+    assert idx[0].tolist() == [[2, 3, 6, 7], [8, 9, 12, 13]]  # r = 4: the 2x2 under each
+
+
+@pytest.mark.parametrize("stack", [PG, PR], ids=["pg", "pr"])
+def test_no_computed_tile_reads_a_filled_value(stack):
+    """Nested subsampling with a NaN fill: every tile a patch brick computes is finite, so none
+    read a value that was filled rather than computed (PR's bottom image brick too)."""
+    module = lego.LEGO(stack=stack, num_classes=10)
+    params = random_params(module, (16, 16, 1))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16, 16, 1)), jnp.float32)
+    tiles = lego.nested_tiles(stack, 16, 16, jnp.array([[0, 3], [2, 1]]))
+    outs = jax.jit(lambda x: module.apply({"params": params}, x, jnp.full((2,), 0.3),
+                                          jnp.array([1, 2]), method="outputs", tiles=tiles,
+                                          fill=jnp.full((2, 16, 16, 1), jnp.nan)))(x)
+    for k, (idx, out, brick) in enumerate(zip(tiles, outs, stack)):
+        if idx is None and k == len(stack) - 1 and stack is PG:
+            assert np.isnan(out).any()  # PG's top image brick reads the fill (zeros in training)
+            continue
+        computed = lego.to_tiles(out, brick[0]) if idx is None else jnp.take_along_axis(
+            lego.to_tiles(out, brick[0]), idx[:, :, None, None, None], axis=1)
+        assert np.isfinite(computed).all(), k
+
+
 @pytest.fixture(scope="module")
 def tiny_pg():
     """The tiny digits LEGO-PG config's objective and a batch."""
@@ -211,8 +238,10 @@ def test_lego_is_a_denoiser_with_a_w_embedding():
     assert len(denoiser.outputs(params, x, t, y, jnp.ones((2, 8)))) == 3
 
 
-NAMED = [("PG-64", "S"), ("PG-64", "L"), ("PG-64", "XL"), ("PR-64", "L"), ("U-64", "S"),
-         ("U-64", "L"), ("PG-32", "L"), ("PR-32", "L"), ("U-32", "XL")]
+NAMED = [("PG-64", "S"), ("PG-64", "L"), ("PG-64", "L_old"), ("PG-64", "XL"), ("PR-64", "L"),
+         ("PR-64", "L_old"), ("U-64", "S"), ("U-64", "L"), ("U-64", "XL"), ("PG-32", "L"),
+         ("PG-32", "XL"), ("PR-32", "L"), ("PR-32", "XL"), ("U-32", "S"), ("U-32", "L"),
+         ("U-32", "XL")]
 
 
 def test_published_stacks_parameter_counts(capsys):
@@ -233,8 +262,8 @@ def test_published_stacks_parameter_counts(capsys):
         assert 18 * width ** 2 * blocks < count < 18 * width ** 2 * blocks * 1.1
     with capsys.disabled():
         print("\n" + "\n".join(lines))
-    with pytest.raises(ValueError, match="no published size 'XL'"):
-        lego.named_stack("U-64", "XL")
+    with pytest.raises(ValueError, match="no published size 'S'"):
+        lego.named_stack("PG-32", "S")
 
 
 def test_config_checks_name_the_bad_lego_fields():

@@ -19,8 +19,10 @@ cost analysis). `skip_phase` says when a stack's top brick may be dropped: a glo
 top brick at low noise, a finer patch top brick at high noise.
 
 Patch subsampling (training): `outputs(..., tiles=[idx_k or None], fill=F)` computes only the tiles
-idx_k [B, m_k] of brick k; its other tiles take the values of `fill` (the ground truth of the
-bricks' output, as the paper fills missing lower-brick outputs from x0).
+idx_k [B, m_k] of brick k; its other tiles take the values of `fill`. `nested_tiles` makes the
+index sets nested (locations drawn once at the coarsest patch brick, every finer patch brick
+computing exactly the tiles under them), so a computed tile never reads a filled one: only an
+image brick above subsampled bricks sees `fill` (objectives/edm.py passes zeros, never x0).
 """
 from __future__ import annotations
 
@@ -167,27 +169,60 @@ class LEGO(nn.Module):
         return outs
 
 
+def nested_tiles(stack, height: int, width: int, chosen) -> list:
+    """Per brick, the tiles to compute when `chosen` [B, m] are the computed tiles of the stack's
+    coarsest patch brick (`coarsest_patch`): a patch brick with tile r computes the
+    (r_c / r)^2 tiles under each chosen one (row-major indices [B, m (r_c / r)^2]); an image
+    brick (one tile) is computed whole (None). Tile sizes of patch bricks must divide r_c."""
+    r_c = coarsest_patch(stack, height, width)
+    rows_c, cols_c = divmod(chosen, width // r_c)  # [B, m] each
+    indices = []
+    for k, (r, *_rest) in enumerate(stack):
+        if num_tiles((r,), height, width) == 1:
+            indices.append(None)
+            continue
+        if r_c % r:
+            raise ValueError(f"Brick {k}'s tile size r={r} does not divide the coarsest patch "
+                             f"brick's r={r_c}: nested patch subsampling needs nested tiles.")
+        f, a = r_c // r, np.arange(r_c // r)
+        rows = rows_c[..., None, None] * f + a[:, None]  # [B, m, f, 1]
+        cols = cols_c[..., None, None] * f + a[None, :]  # [B, m, 1, f]
+        indices.append((rows * (width // r) + cols).reshape(chosen.shape[0], -1))
+    return indices
+
+
+def coarsest_patch(stack, height: int, width: int) -> int | None:
+    """The largest tile size among the patch bricks (more than one tile), or None."""
+    sizes = [b[0] for b in stack if num_tiles(b, height, width) > 1]
+    return max(sizes) if sizes else None
+
+
 def max_tile(stack) -> int:
     """The side every canvas must be a multiple of: the lcm of the bricks' tile sizes."""
     return int(np.lcm.reduce([b[0] for b in stack]))
 
 
 # ---- named stacks ----------------------------------------------------------------------------
-# The paper's Table 5 (REFERENCE.md): widths S 384 (6 heads), L 1024 (16), XL 1152 (16).
+# The paper's Table 5 (REFERENCE.md) and the public code's model list (JegZheng/LEGODiffusion,
+# training/lego_models.py): widths S 384 (6 heads), L 1024 (16), XL 1152 (16); "L_old" is the
+# public code's earlier L layout at L width, whose 462.8M parameters are the paper's "0.4B" for
+# its ImageNet-64 L models (today's L layouts have 500.6M).
 
-WIDTHS = {"S": (384, 6), "L": (1024, 16), "XL": (1152, 16)}
+WIDTHS = {"S": (384, 6), "L": (1024, 16), "L_old": (1024, 16), "XL": (1152, 16)}
 LAYOUTS = {  # name -> (tile sizes r, patch sizes p, {size: depths})
-    "PG-64": ((4, 16, 64), (2, 8, 2), {"S": (2, 4, 6), "L": (6, 8, 12), "XL": (4, 12, 14)}),
-    "PR-64": ((64, 16, 4), (2, 8, 2), {"S": (6, 4, 2), "L": (12, 8, 6), "XL": (14, 12, 4)}),
-    "PG-32": ((4, 16, 32), (2, 8, 2), {"L": (4, 8, 12)}),  # latent 32x32 (ImageNet-256)
-    "PR-32": ((32, 16, 4), (2, 8, 2), {"L": (12, 8, 4)}),
-    "U-64": ((64, 16, 4, 16, 64), (2, 8, 2, 8, 2), {"S": (6, 4, 2, 4, 6), "L": (12, 8, 6, 8, 12)}),
-    # Latent 32x32 LEGO-U (ImageNet-256). The paper's XL-U depths are not in REFERENCE.md: these
-    # are U-64 L's depths at XL width (1.12B parameters; the paper reports 1.2B).
-    "U-32": ((32, 16, 4, 16, 32), (2, 8, 2, 8, 2), {"XL": (12, 8, 6, 8, 12)}),
+    "PG-64": ((4, 16, 64), (2, 8, 2), {"S": (2, 4, 6), "L": (6, 8, 12), "L_old": (6, 6, 12),
+                                       "XL": (4, 12, 14)}),
+    "PR-64": ((64, 16, 4), (2, 8, 2), {"S": (6, 4, 2), "L": (12, 8, 6), "L_old": (12, 6, 6),
+                                       "XL": (14, 12, 4)}),
+    "PG-32": ((4, 16, 32), (2, 8, 2), {"L": (4, 8, 12), "XL": (4, 12, 14)}),  # latent 32x32
+    "PR-32": ((32, 16, 4), (2, 8, 2), {"L": (12, 8, 4), "XL": (14, 12, 4)}),
+    "U-64": ((64, 16, 4, 16, 64), (2, 8, 2, 8, 2), {"S": (6, 4, 2, 4, 6), "L": (12, 8, 6, 8, 12),
+                                                    "XL": (14, 12, 4, 12, 14)}),
+    "U-32": ((32, 16, 4, 16, 32), (2, 8, 2, 8, 2), {"S": (6, 4, 2, 4, 6), "L": (12, 8, 6, 8, 12),
+                                                    "XL": (14, 10, 4, 10, 14)}),  # ImageNet-256
 }
 # Parameter counts the paper reports (REFERENCE.md), for tests/test_lego.py to print beside ours.
-PAPER_PARAMS = {("PG-64", "L"): 0.4e9, ("PR-64", "L"): 0.4e9, ("U-32", "XL"): 1.2e9}
+PAPER_PARAMS = {("PG-64", "L_old"): 0.4e9, ("PR-64", "L_old"): 0.4e9, ("U-32", "XL"): 1.2e9}
 
 
 def named_stack(layout: str, size: str) -> tuple:
