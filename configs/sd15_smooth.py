@@ -3,7 +3,9 @@ r"""Smooth Diffusion's SD 1.5 recipe (arXiv 2312.04410; the official train.sh).
   python -m experiments.main --config configs/sd15_smooth.py:/path/to/stable-diffusion-v1-5 \
       --workdir W --config.data.path='/data/laion/{00000..00099}.tar'
 
-LoRA rank 8 on the attention projections (to_q / to_k / to_v / to_out.0), AdamW lr 1e-4 constant
+LoRA rank 8 on the attention projections (to_q / to_k / to_v / to_out.0), A ~ N(0, 1/8^2) and
+B = 0 as the reference's diffusers 0.20 LoRALinearLayer (peft's kaiming-uniform A is 4x-8x
+smaller on these 320-1280 wide layers), AdamW lr 1e-4 constant
 (weight decay 1e-2), grad clip 1, batch 96 = 3 per GPU x 4 GPUs x 8 accumulation, as here: a
 global batch of 12 per step and optimizer.accumulate_steps=8 (on 8 devices: batch_size=24,
 accumulate_steps=4, total_steps=120_000), 30k updates = 240k steps (every *_steps counts steps),
@@ -25,8 +27,10 @@ def get_config(pretrained: str = "") -> ml_collections.ConfigDict:
                 total_steps=30_000 * 8, seed=42)
     c.smooth = ml_collections.ConfigDict(dict(
         lambda_reg=1.0, decay=0.01, cond_drop_prob=0.0, sample_posterior=True,
+        mean_init="zero",  # the reference's: its ~230-step warm-up is 0.1% of 240k steps
         lora=ml_collections.ConfigDict(dict(rank=8, alpha=8.0, targets=ATTENTION_TARGETS,
-                                            merged=False))))
+                                            merged=False,
+                                            init="gaussian"))))  # diffusers 0.20's A ~ N(0, 1/8^2)
     c.ema_decay = 0.0
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, warmup_steps=0, decay="constant", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,

@@ -199,7 +199,8 @@ EXTRA_FIELDS = (
     "sample.original_inference_steps", "eval.original_inference_steps",
     "sample.sampler_kwargs", "eval.sampler_kwargs",
     "data.split", "data.image_key", "diffusion.trained_betas", "optimizer.eps",
-    "model.unet", "vae", "vae_kl_weight")
+    "model.unet", "vae", "vae_kl_weight",
+    "lcd.lora.init")  # LCM-LoRA configs keep peft's init; lcm_jax.models.lora.INITS
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,4 +1,6 @@
 """LoRA: a parameter transform that diffusers (peft) loads and matches."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ pytest.importorskip("peft")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from lcm_jax.errors import UserError  # noqa: E402
 from lcm_jax.models import convert, lora, unet  # noqa: E402
 from conftest import fast_compile  # noqa: E402
 from support.unet import CONFIGS, inputs, jax_forward, random_torch_unet, torch_forward  # noqa: E402
@@ -38,6 +41,54 @@ def test_targets_are_the_lcm_lora_set(base):
              for p in convert.flatten(lora.init(jax.random.PRNGKey(0), params, rank=4))}
     assert names == {"to_q", "to_k", "to_v", "0", "proj_in", "proj_out", "proj", "2", "conv1",
                      "conv2", "conv_shortcut", "conv", "time_emb_proj"}
+
+
+def test_init_rules_are_peft_and_diffusers_0_20():
+    """init="peft" (the default) is the draw it always was, U(+-1/sqrt(fan_in)) with fan_in
+    = in x window, as peft's layers; init="gaussian" is N(0, 1/rank^2) whatever the fan, as
+    diffusers 0.20's LoRALinearLayer / LoRAConv2dLayer (Smooth Diffusion's). B = 0 for both."""
+    base = {"attn": {"to_q": {"kernel": jnp.zeros((256, 512))}},
+            "resnet": {"conv1": {"kernel": jnp.zeros((3, 3, 64, 128))}}}
+    rng, rank, targets = jax.random.PRNGKey(3), 8, ("to_q", "conv1")
+    peft_init = convert.flatten(lora.init(rng, base, targets, rank))
+    gauss = convert.flatten(lora.init(rng, base, targets, rank, init="gaussian"))
+    torch.manual_seed(0)
+    peft_a = dict(zip(targets, _peft_a(rank)))
+    with warnings.catch_warnings():  # diffusers deprecates these layers (peft is its backend now)
+        warnings.simplefilter("ignore")
+        from diffusers.models.lora import LoRAConv2dLayer, LoRALinearLayer
+        diffusers_a = {"to_q": LoRALinearLayer(256, 512, rank).down.weight.detach(),
+                       "conv1": LoRAConv2dLayer(64, 128, rank, kernel_size=3).down.weight.detach()}
+    for i, (path, fan_in) in enumerate([(("attn", "to_q"), 256), (("resnet", "conv1"), 9 * 64)]):
+        a, b = peft_init[path + ("lora_A",)], peft_init[path + ("lora_B",)]
+        bound = 1 / np.sqrt(fan_in)  # peft: the draw of the code before INITS, bit for bit
+        np.testing.assert_array_equal(a, jax.random.uniform(jax.random.fold_in(rng, i), a.shape,
+                                                            jnp.float32, -bound, bound))
+        ga = gauss[path + ("lora_A",)]
+        assert not np.any(b) and not np.any(gauss[path + ("lora_B",)]) and ga.shape == a.shape
+        # std within 6% (~4 sampling sigmas for 2k-5k draws) of the rule and of the library's layer
+        np.testing.assert_allclose([np.std(a), float(peft_a[path[-1]].std())], bound / np.sqrt(3),
+                                   rtol=0.06)
+        np.testing.assert_allclose([np.std(ga), float(diffusers_a[path[-1]].std())], 1 / rank,
+                                   rtol=0.06)
+        assert abs(float(np.mean(ga))) < 4 / rank / np.sqrt(ga.size)
+    with pytest.raises(UserError, match="not a LoRA init"):
+        lora.init(rng, base, targets, rank, init="kaiming")
+
+
+def _peft_a(rank):
+    """peft's own lora_A weights for a Linear(256, 512) and a 3x3 Conv2d(64, 128)."""
+    import peft
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.conv1 = torch.nn.Linear(256, 512), torch.nn.Conv2d(64, 128, 3)
+
+    model = peft.get_peft_model(Model(), peft.LoraConfig(r=rank, lora_alpha=rank,
+                                                         target_modules=["to_q", "conv1"]))
+    return [m.lora_A["default"].weight.detach() for m in (model.base_model.model.to_q,
+                                                         model.base_model.model.conv1)]
 
 
 def test_lora_off_is_exactly_the_base_model(base):

@@ -1,5 +1,6 @@
 """Smooth Diffusion: the fused step's penalty equals the one computed from the explicit Jacobian,
-its gradient reaches the LoRA factors through the VJP, and the running mean survives a resume."""
+its gradient reaches the LoRA factors through the VJP, the running mean (from zero or bias
+corrected) survives a resume, and the LoRA init the config names reaches the factors."""
 import dataclasses
 import os
 import shutil
@@ -12,8 +13,8 @@ import pytest
 from conftest import f32_tol
 from lcm_jax import data as data_lib
 from lcm_jax import train
-from lcm_jax.models import convert
-from lcm_jax.objectives.smooth import SmoothObjective
+from lcm_jax.models import convert, lora
+from lcm_jax.objectives.smooth import SmoothObjective, variation_penalty
 from support import lcd
 from support.smooth import tiny_config
 
@@ -62,7 +63,7 @@ def explicit_loss(objective, params, mean, batch, frozen, rng):
 
 
 def test_penalty_and_gradient_equal_explicit_jacobian(teacher):
-    objective, state = objective_and_state(teacher)
+    objective, state = objective_and_state(teacher, mean_init="zero")
     batch, rng, mean = lcd.batch(), jax.random.PRNGKey(7), jnp.float32(0.3)
     with_mean = state.replace(stats={"variation_mean": mean})
     fused = jax.jit(jax.value_and_grad(lambda p, b: objective.loss(p, with_mean, b, objective.frozen, rng),
@@ -109,10 +110,58 @@ def test_running_mean_is_trained_and_restored(teacher, tmp_path):
     objective = SmoothObjective(config, teacher)
     pipeline = lambda: data_lib.make_pipeline(config.data, global_batch_size=config.batch_size, seed=0)
     straight = train.run(config, str(tmp_path), objective, pipeline())
-    assert float(straight.stats["variation_mean"]) > 0
+    assert config.smooth.mean_init == "bias_corrected"  # digits_smooth's: the count is restored too
+    assert float(straight.stats["variation_mean"]) > 0 and int(straight.stats["variation_updates"]) == 4
     shutil.rmtree(os.path.join(tmp_path, "checkpoints", "4"))  # as if killed after step 2
     resumed = train.run(config, str(tmp_path), objective, pipeline())
     assert int(resumed.step) == 4
-    np.testing.assert_array_equal(resumed.stats["variation_mean"], straight.stats["variation_mean"])
+    for name in ("variation_mean", "variation_updates"):
+        np.testing.assert_array_equal(resumed.stats[name], straight.stats[name])
     for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(straight.params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bias_corrected_mean_is_the_batch_mean_after_one_update():
+    """a_hat_1 = mean L_1 (the penalty is then the lengths' variance), a_hat_2 the two batch means
+    weighted (1 - d, 1) / (2 - d); the stats hold the raw average and the count. "zero" is the
+    formula it always was, bit for bit, and keeps its one stat."""
+    decay, lengths = 0.01, jnp.asarray([[0.5, 0.75, 1.5, 1.25], [2.0, 1.0, 3.0, 2.0]])
+    stats = {"variation_mean": jnp.float32(0), "variation_updates": jnp.int32(0)}
+    penalty, a_hat, stats = variation_penalty(lengths[0], stats, decay)
+    m1, m2 = float(jnp.mean(lengths[0])), float(jnp.mean(lengths[1]))
+    np.testing.assert_allclose(a_hat, m1, rtol=1e-6)
+    np.testing.assert_allclose(penalty, np.var(lengths[0]), rtol=1e-5)
+    assert int(stats["variation_updates"]) == 1
+    np.testing.assert_allclose(stats["variation_mean"], decay * m1, rtol=1e-6)  # raw, from 0
+    _, a_hat, stats = variation_penalty(lengths[1], stats, decay)
+    np.testing.assert_allclose(a_hat, ((1 - decay) * m1 + m2) / (2 - decay), rtol=1e-5)  # float32 powers
+    mean = jnp.float32(0.3)
+    penalty, a, zero_stats = variation_penalty(lengths[0], {"variation_mean": mean}, decay)
+    old_mean = mean + decay * (jnp.mean(lengths[0]) - mean)  # the code before mean_init
+    np.testing.assert_array_equal(a, old_mean)
+    np.testing.assert_array_equal(penalty, jnp.mean((lengths[0] - old_mean) ** 2))
+    assert set(zero_stats) == {"variation_mean"}
+
+
+def test_configured_lora_init_and_mean_start_reach_the_state(teacher):
+    """smooth.lora.init picks the factors' draw (digits_smooth: "gaussian"; "peft" as before);
+    mean_init="bias_corrected" adds the update count to the stats, "zero" keeps one stat."""
+    rng = jax.random.PRNGKey(0)
+    for init, mean_init in (("gaussian", "bias_corrected"), ("peft", "zero")):
+        config = tiny_config(mean_init=mean_init)
+        config.smooth.lora.init = init
+        objective = SmoothObjective(config, teacher)
+        state = objective.init_state(rng, objective.frozen)
+        expected = lora.init(jax.random.split(rng)[0], objective.frozen["base"],
+                             lora.ATTENTION_TARGETS, config.smooth.lora.rank, init)
+        assert jax.tree.all(jax.tree.map(np.array_equal, state.params, expected))
+        assert set(state.stats) == ({"variation_mean", "variation_updates"}
+                                    if mean_init == "bias_corrected" else {"variation_mean"})
+    # Through the loss: after the first update a_hat_1 is the batch's mean L.
+    config = tiny_config(mean_init="bias_corrected")
+    objective = SmoothObjective(config, teacher)
+    state = objective.init_state(rng, objective.frozen)
+    metrics, stats = jax.jit(lambda p: objective.loss(p, state, lcd.batch(), objective.frozen,
+                                                      jax.random.PRNGKey(1))[1])(state.params)
+    np.testing.assert_allclose(metrics["variation_mean"], metrics["variation_length"], rtol=1e-6)
+    assert int(stats["variation_updates"]) == 1 and float(metrics["variation_length"]) > 0

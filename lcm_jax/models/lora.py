@@ -11,7 +11,12 @@ copies and no kernel-sized gradients. Both are equal up to float rounding.
 
 Layout (peft's, so export is a transpose): a Dense kernel [in, out] gets A [in, r] and B [r, out];
 a Conv kernel [kh, kw, in, out] gets A [kh, kw, in, r] (a conv like the base one) and
-B [1, 1, r, out] (a 1x1 conv). A starts random (kaiming-uniform, a = sqrt(5), as peft), B at 0.
+B [1, 1, r, out] (a 1x1 conv). B starts at 0 and A random, by one of INITS: "peft" (peft's
+kaiming-uniform, a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in x window) or
+"gaussian" (diffusers 0.20's LoRALinearLayer / LoRAConv2dLayer, which Smooth Diffusion trains:
+N(0, (1/r)^2) whatever the fan). At rank 8 the gaussian A is 2.5x (the digits DiT, width 128)
+to 8x (SD's 1280-wide layers) larger; Adam moves B at the lr whatever A's scale, so the adapter's
+B A moves that much faster per step under "gaussian".
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "proj_in", "proj_out", "
 # Attention only (Smooth Diffusion's recipe): SD's q / k / v / out, the DiT's fused qkv and out.
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "attn/qkv", "attn/proj")
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+INITS = ("peft", "gaussian")  # how `init` draws A (module docstring)
 
 
 def _targeted(path: tuple, targets: Iterable[str]) -> bool:
@@ -57,7 +63,13 @@ def _targeted(path: tuple, targets: Iterable[str]) -> bool:
     return name in targets
 
 
-def init(rng, base: Mapping, targets: Iterable[str] = LCM_LORA_TARGETS, rank: int = 64) -> dict:
+def init(rng, base: Mapping, targets: Iterable[str] = LCM_LORA_TARGETS, rank: int = 64,
+         init: str = "peft") -> dict:
+    """Factors for every targeted kernel of `base`: A drawn by `init` (INITS), B = 0. A layer
+    narrower than `rank` gets its own width as rank (`save` records it in a rank_pattern)."""
+    if init not in INITS:
+        raise UserError(f"lora.init={init!r} is not a LoRA init; use one of {INITS} ('peft': "
+                        f"kaiming-uniform, 'gaussian': N(0, 1/rank^2) as diffusers 0.20).")
     targets = tuple(targets)
     flat = convert.flatten(base)
     chosen = sorted(p for p in flat if _targeted(p, targets))
@@ -68,9 +80,12 @@ def init(rng, base: Mapping, targets: Iterable[str] = LCM_LORA_TARGETS, rank: in
         kernel = flat[path]
         *window, fan_in, fan_out = kernel.shape
         r = min(rank, fan_in * int(np.prod(window, dtype=int)), fan_out)
-        bound = 1.0 / math.sqrt(fan_in * int(np.prod(window, dtype=int)))  # kaiming_uniform(a=sqrt 5)
-        a = jax.random.uniform(jax.random.fold_in(rng, i), (*window, fan_in, r), jnp.float32,
-                               -bound, bound)
+        key, shape = jax.random.fold_in(rng, i), (*window, fan_in, r)
+        if init == "gaussian":  # std 1/r with the layer's own r, as diffusers builds each layer at it
+            a = jax.random.normal(key, shape, jnp.float32) / r
+        else:
+            bound = 1.0 / math.sqrt(fan_in * int(np.prod(window, dtype=int)))  # kaiming_uniform(a=sqrt 5)
+            a = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
         b = jnp.zeros((*([1] * len(window)), r, fan_out), jnp.float32)
         lora[path[:-1] + ("lora_A",)] = a
         lora[path[:-1] + ("lora_B",)] = b

@@ -84,11 +84,12 @@ class Network:
 
     def init(self, rng, frozen, default_targets, full):
         """The trained params at step 0: fresh LoRA factors on `frozen["base"]` (B = 0: the
-        network starts as the base; `default_targets` unless `lora.targets`), or `full(rng)`."""
+        network starts as the base; `default_targets` unless `lora.targets`; A drawn by
+        `lora.init`, peft's rule unless set: lora.INITS), or `full(rng)`."""
         if not self.lora:
             return full(rng)
         return lora.init(rng, frozen["base"], self.lora.get("targets", default_targets),
-                         self.lora.rank)
+                         self.lora.rank, self.lora.get("init", "peft"))
 
     def apply(self, trained, frozen, x, t, cond, w_emb=None, **kwargs):
         return self.denoiser.apply(self.params(trained, frozen), x, t, cond, w_emb, **kwargs)
