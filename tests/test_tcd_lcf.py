@@ -1,6 +1,9 @@
 """TCD and LCF: each fused step equals its math written out plainly (the draws of LCD's contract,
 two separate teacher calls, the DDIM jump in its x0 / eps form, optax AdamW, EMA); f(x, t, t) = x;
-TCD with a one-step grid and s = 0 is LCD's objective; LCF's starting state is the LCM itself."""
+TCD with a one-step grid and s = 0 is LCD's objective; LCF's starting state is the LCM itself.
+LCF's skip curriculum (lcf.k_schedule): the traced grid is skip_grid's, N(step) follows iCT's
+doubling stages, one compiled program draws each step's grid, and the fused step at a small N
+(EMA or online target) equals the written-out step on that N's grid."""
 import functools
 
 import jax
@@ -18,14 +21,15 @@ from support.lcd import (B, NULL, batch, max_diff, plain_update, randomized, ste
 from support.lcd import objective as consistency_objective
 
 
-def plain_draws(objective, state, images, frozen):
-    """LCD's per-example draws and latents, written out: n, w, noise, posterior noise, u."""
+def plain_draws(objective, state, images, frozen, num_points=None):
+    """LCD's per-example draws and latents, written out: n, w, noise, posterior noise, u
+    (n ~ U{0..N-1}, N = `num_points`, default the fixed grid's size)."""
     c, teacher = objective.config, objective.base
     rng = jax.random.fold_in(state.rng, state.step)
     keys = [jax.random.fold_in(rng, i) for i in range(B)]
     shape = teacher.latent_shape
-    n = jnp.stack([jax.random.randint(jax.random.fold_in(k, 0), (), 0, len(objective.grid.timesteps))
-                   for k in keys])
+    num_points = num_points or len(objective.grid.timesteps)
+    n = jnp.stack([jax.random.randint(jax.random.fold_in(k, 0), (), 0, num_points) for k in keys])
     w = jnp.stack([jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32, c.lcd.w_min,
                                       c.lcd.w_max) for k in keys])
     noise = jnp.stack([jax.random.normal(jax.random.fold_in(k, 2), shape) for k in keys])
@@ -46,13 +50,15 @@ def ddim_jump(abar, x, x0, t, s):
     return jnp.sqrt(a_s) * x0 + jnp.sqrt(1 - a_s) * eps
 
 
-def reference_step(objective, state, batch, frozen, kind):
+def reference_step(objective, state, batch, frozen, kind, num_points=None):
     """kind 'tcd': teacher CFG-DDIM pair point, trajectory function to s_end; 'lcf': the forward
-    process on the same sample and noise, LCD's c_skip / c_out consistency function."""
+    process on the same sample and noise, LCD's c_skip / c_out consistency function.
+    `num_points`: the grid's N at this step (a curriculum's), default lcd.num_ddim_timesteps."""
     c, teacher = objective.config, objective.base
     abar = jnp.asarray(teacher.schedule.alphas_cumprod)
-    n, w, noise, u, z = plain_draws(objective, state, batch["image"], frozen)
-    k = 1000 // c.lcd.num_ddim_timesteps
+    num_points = num_points or c.lcd.num_ddim_timesteps
+    n, w, noise, u, z = plain_draws(objective, state, batch["image"], frozen, num_points)
+    k = 1000 // num_points
     t = k * (n + 1) - 1
     s = jnp.maximum(t - k, 0)
     x_t = jnp.sqrt(col(abar[t])) * z + jnp.sqrt(1 - col(abar[t])) * noise
@@ -126,6 +132,129 @@ def test_fused_step_equals_unfused_math(kind):
     assert max_diff(new_state.params, params) <= step_tol(params)  # two programs: see step_tol
     assert max_diff(new_state.ema_params, ema) <= step_tol(ema)
     assert max_diff(new_state.params, state.params) > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# LCF's skip curriculum (lcf.k_schedule): large skips first, one compiled step
+# ----------------------------------------------------------------------------------------------
+
+DIVISORS = [n for n in range(1, 1001) if 1000 % n == 0]
+
+
+def test_traced_skip_pair_is_skip_grid():
+    """schedule.skip_pair (N a traced int32) equals skip_grid's arrays for every N dividing T."""
+    pair = jax.jit(lambda num, n: sched.skip_pair(1000, num, n))
+    n = jnp.arange(1000, dtype=jnp.int32)
+    for num in DIVISORS:
+        grid = sched.skip_grid(1000, num)
+        for t, s in (pair(jnp.int32(num), n), sched.skip_pair(1000, num, n)):  # traced, static N
+            np.testing.assert_array_equal(t[:num], grid.timesteps)
+            np.testing.assert_array_equal(s[:num], grid.prev_timesteps)
+            assert t.dtype == s.dtype == jnp.int32
+    assert pair._cache_size() == 1  # N is an argument: one program for every grid
+
+
+def test_doubling_curriculum_follows_icts_stages():
+    """N(step) = min(s0 2^floor(step / K'), s1), K' = floor(K / (log2(floor(s1 / s0)) + 1)):
+    hand-computed at the stage boundaries, on this repository's default and on iCT's own
+    numbers (s0 = 10, s1 = 1280, K = 400,000: K' = 400,000 / 8 = 50,000)."""
+    from lcm_jax.objectives import lcf
+
+    # s0 = 5, s1 = 50, K = 6000: K' = floor(6000 / (log2(10) + 1)) = floor(1388.27) = 1388.
+    assert lcf.doubling_stages(5, 50, 6000) == ([5, 10, 20, 40, 50], 1388)
+    points = jax.jit(lcf.doubling_points(5, 50, 6000))
+    expected = {0: 5, 1387: 5, 1388: 10, 2775: 10, 2776: 20, 4163: 20, 4164: 40, 5551: 40,
+                5552: 50, 5999: 50, 6000: 50, 10 ** 9: 50}
+    assert {step: int(points(jnp.int32(step))) for step in expected} == expected
+    ict = lcf.doubling_points(10, 1280, 400_000)
+    expected = {0: 10, 49_999: 10, 50_000: 20, 100_000: 40, 149_999: 40, 300_000: 640,
+                349_999: 640, 350_000: 1280, 399_999: 1280}
+    assert {step: int(ict(step)) for step in expected} == expected
+    # Fewer steps than stages: one stage per step (K' >= 1); s0 = s1: the fixed grid throughout.
+    assert lcf.doubling_stages(5, 50, 4) == ([5, 10, 20, 40, 50], 1)
+    assert [int(lcf.doubling_points(5, 50, 4)(k)) for k in range(6)] == [5, 10, 20, 40, 50, 50]
+    assert lcf.doubling_stages(50, 50, 3000) == ([50], 3000)
+
+
+def curriculum_config(n_start=5, total_steps=3000, **lcd):
+    """tiny_config with LCF's curriculum: N = 5, 10, 20 (k = 200, 100, 50), K' = 3000 / 3 = 1000."""
+    config = tiny_config(loss="huber", num_ddim_timesteps=20, **lcd)
+    config.objective, config.total_steps = "lcf", total_steps
+    config.lcf = dict(k_schedule="doubling", n_start=n_start)
+    return config
+
+
+@pytest.fixture(scope="module")
+def lcm():
+    return lcm_record(tiny_config(num_ddim_timesteps=20))
+
+
+def test_curriculum_draws_each_steps_grid_in_one_program(lcm):
+    """One jitted draw, the step traced: n < N(step), (t, s) on N(step)'s skip grid, all of it
+    visited; in the last stage the draws are the fixed grid's bit for bit; unset, no curriculum."""
+    from lcm_jax.objectives import lcf
+
+    fixed = consistency_objective(tiny_config(loss="huber", num_ddim_timesteps=20), lcm, "lcf")
+    assert fixed.grid_points is None  # no lcf section: today's step
+    fixed.config.lcf = dict(k_schedule=None, n_start=5)
+    assert consistency_objective(fixed.config, lcm, "lcf").grid_points is None
+    objective = consistency_objective(curriculum_config(), lcm, "lcf")
+    assert consistency_objective(curriculum_config(), lcm, "tcd").grid_points is None  # LCF's only
+    rng = jax.random.PRNGKey(11)
+    draws = jax.jit(lambda step: objective.draws(rng, 512, None, step))
+    for step, num in ((0, 5), (999, 5), (1000, 10), (1999, 10), (2000, 20), (2999, 20)):
+        d = draws(jnp.int32(step))
+        grid = sched.skip_grid(1000, num)
+        assert int(d["n"].max()) == num - 1 and int(d["n"].min()) == 0
+        np.testing.assert_array_equal(d["t"], grid.timesteps[d["n"]])
+        np.testing.assert_array_equal(d["s"], grid.prev_timesteps[d["n"]])
+    assert draws._cache_size() == 1
+    last, today = draws(jnp.int32(2500)), jax.jit(lambda: fixed.draws(rng, 512))()
+    assert max_diff(last, today) == 0 and set(last) == set(today)
+    with pytest.raises(ValueError, match="train step"):
+        objective.draws(rng, 4)
+    assert lcf.curriculum(fixed.config, 1000) is None
+
+
+@pytest.mark.parametrize("target", ["ema", "online"])
+def test_fused_lcf_step_with_curriculum_equals_unfused_math(lcm, target):
+    """At step 3 of 3000, N = 5 (k = 200): the fused step equals the written-out LCF step on the
+    5-point grid {199, 399, ..., 999} (t_n = t - 200), with the EMA or the online target (full
+    parameters: theta^- = stop_gradient(theta))."""
+    objective = consistency_objective(curriculum_config(target=target), lcm, "lcf")
+    assert objective.target == target
+    frozen = objective.frozen
+    state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
+    state = state.replace(params=randomized(state.params, jax.random.PRNGKey(5), 0.02),
+                          step=jnp.asarray(3, jnp.int32))
+    new_state, metrics = fast_compile(objective.train_step, state, batch(), frozen)
+    loss, params, ema = fast_compile(functools.partial(reference_step, objective, kind="lcf",
+                                                       num_points=5), state, batch(), frozen)
+    assert float(metrics["skip"]) == 200.0
+    assert float(metrics["loss"]) > 0
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+    assert max_diff(new_state.params, params) <= step_tol(params)
+    assert max_diff(new_state.ema_params, ema) <= step_tol(ema)
+    assert max_diff(new_state.params, state.params) > 1e-4
+
+
+def test_curriculum_config_problems():
+    from lcm_jax.objectives import lcf
+
+    problems = lambda **kw: [p for p in lcf.config_problems(curriculum_config(**kw))
+                             if "lcf.lcm_workdir" not in p]
+    assert problems() == []
+    [line] = problems(n_start=2)
+    assert "config.lcf.n_start=2 gives the grid sizes N = [2, 4, 8, 16, 20]" in line
+    assert "[16] do not divide num_train_timesteps=1000" in line and "use one of [5, 10, 20]" in line
+    [line] = problems(n_start=30)
+    assert "must be an integer in [1, lcd.num_ddim_timesteps=20]" in line
+    config = curriculum_config()
+    config.lcf.k_schedule = "linear"
+    assert any("config.lcf.k_schedule='linear' is not a known skip schedule" in p
+               for p in lcf.config_problems(config))
+    with pytest.raises(Exception, match="do not divide"):
+        lcf.curriculum(curriculum_config(n_start=2), 1000)
 
 
 def test_trajectory_function_is_the_identity_at_its_own_time():

@@ -111,7 +111,8 @@ def add_noise(x0, eps, alpha, sigma):
 
 
 # ----------------------------------------------------------------------------------------------
-# Timestep grids (numpy: they are static, decided before anything is traced).
+# Timestep grids (numpy: they are static, decided before anything is traced; skip_pair is the
+# skip grid's traced twin).
 # ----------------------------------------------------------------------------------------------
 
 class SkipGrid(NamedTuple):
@@ -136,6 +137,19 @@ def skip_grid(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> 
     k = T // N
     timesteps = np.arange(1, N + 1, dtype=np.int64) * k - 1
     return SkipGrid(timesteps.astype(np.int32), np.maximum(timesteps - k, 0).astype(np.int32), k)
+
+
+def skip_pair(num_train_timesteps: int, num_points, n):
+    """(t_{n+k}, t_n) at grid index n of the skip grid with N = `num_points` points, in jnp
+    integer arithmetic: skip_grid's convention (k = T // N, t_{n+k} = k (n + 1) - 1, t_n =
+    max(t_{n+k} - k, 0)) with N allowed to be traced, so that one compiled step can change its
+    grid with the train step (LCF's skip curriculum, objectives/lcf.py). For each N that divides
+    T it equals skip_grid(T, N)'s arrays at n; N must divide T, as there (checked where the
+    values N takes are decided)."""
+    n = jnp.asarray(n, jnp.int32)
+    k = jnp.int32(num_train_timesteps) // jnp.asarray(num_points, jnp.int32)
+    t = k * (n + 1) - 1
+    return t, jnp.maximum(t - k, 0)
 
 
 def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,

@@ -4,8 +4,9 @@ boundary function maps to. lcd.py, tcd.py and lcf.py each hold one strategy and 
 
 Per step, inside one XLA program (donated state, the shardings of parallel.py):
   1. latents z (VAE-encoded here, a posterior draw or the mean, or `batch["latents"]`) and the
-     condition c; per example a grid index n on the skip grid (k = T / N), a guidance scale
-     w ~ U[w_min, w_max] and noise; x_{t_{n+k}} = alpha_t z + sigma_t noise;
+     condition c; per example a grid index n on the skip grid (k = T / N; N fixed at
+     lcd.num_ddim_timesteps, or a traced function of the train step: `Strategy.curriculum`), a
+     guidance scale w ~ U[w_min, w_max] and noise; x_{t_{n+k}} = alpha_t z + sigma_t noise;
   2. x_hat at s = t_n by the strategy: the teacher's CFG-augmented solver step (LCD, TCD) or the
      forward process with the same noise (LCF);
   3. d(g_theta(x_{t_{n+k}}, t_{n+k}), g_theta^-(x_hat_{t_n}, t_n)) with g the consistency
@@ -57,11 +58,17 @@ class Strategy:
     end_time(key, n, grid) -> s_end, per example: the trajectory consistency function's end
         point; None: the consistency function, which maps to the data.
     teacher: whether the base is a teacher that can be sampled (the few-step baselines).
-    student_sampler: the few-step sampler its students are evaluated with."""
+    student_sampler: the few-step sampler its students are evaluated with.
+    curriculum(config, num_train_timesteps) -> (step -> N) or None: the number of skip-grid
+        points N as a jnp function of the train step (a traced int32, so ONE compiled step serves
+        every N; each value must divide T), the grid then k = T // N, t_{n+k} = k (n + 1) - 1
+        (`schedule.skip_pair`); None (or a None result): lcd.num_ddim_timesteps throughout, the
+        fixed grid. LCF's: `lcf.k_schedule`."""
     previous_point: Callable
     end_time: Callable | None = None
     teacher: bool = True
     student_sampler: str = "lcm"
+    curriculum: Callable | None = None
 
 
 def teacher_step(objective, frozen, draws, z, x_t, t, s, cond, uncond):
@@ -85,6 +92,12 @@ class ConsistencyObjective:
         self.lcd = lcd = config.lcd
         self.schedule = base.schedule
         self.grid = sched.skip_grid(self.schedule.num_train_timesteps, lcd.num_ddim_timesteps)
+        # step -> N (traced), or None: the fixed grid above on every step.
+        self.grid_points = strategy.curriculum and strategy.curriculum(
+            config, self.schedule.num_train_timesteps)
+        if self.grid_points is not None and strategy.end_time is not None:
+            raise ValueError("A Strategy with both end_time and a curriculum: end_time reads the "
+                             "fixed grid (objective.grid); give it the step's grid first.")
         self.lora = lcd.get("lora") or None
         self.target = lcd.get("target", "online" if self.lora else "ema")
         if self.target not in TARGETS:
@@ -188,14 +201,23 @@ class ConsistencyObjective:
             return cm.consistency_fn(x, x0, t, **self.scalings)
         return cm.trajectory_consistency_fn(x, x0, t, end, self.schedule)
 
-    def draws(self, rng, batch_size: int, axis_name=None) -> dict:
-        """Per-example grid index n, guidance scale w, noise, VAE posterior noise and (TCD) the
-        end time, keyed by the example's global index: the same draws on any device layout."""
+    def draws(self, rng, batch_size: int, axis_name=None, step=None) -> dict:
+        """Per-example grid index n and its pair of timesteps t = t_{n+k}, s = t_n, guidance
+        scale w, noise, VAE posterior noise and (TCD) the end time, keyed by the example's global
+        index: the same draws on any device layout. `step` (the train step, traced): the grid's
+        size N under a curriculum (n ~ U{0..N-1} on the step's grid); unused without one."""
         keys = common.example_keys(rng, batch_size, axis_name)
         shape, grid, end_time = self.latent.shape, self.grid, self.strategy.end_time
+        if self.grid_points is None:
+            num_points = len(grid.timesteps)
+        elif step is None:
+            raise ValueError("This objective's skip grid follows a curriculum: pass draws the "
+                             "train step (state.step).")
+        else:
+            num_points = self.grid_points(step)
 
         def one(k):
-            n = jax.random.randint(jax.random.fold_in(k, 0), (), 0, len(grid.timesteps))
+            n = jax.random.randint(jax.random.fold_in(k, 0), (), 0, num_points)
             d = dict(n=n, w=jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32,
                                                self.lcd.w_min, self.lcd.w_max),
                      noise=jax.random.normal(jax.random.fold_in(k, 2), shape),
@@ -203,14 +225,19 @@ class ConsistencyObjective:
             if end_time is not None:
                 d["end"] = end_time(jax.random.fold_in(k, 4), n, grid)
             return d
-        return jax.vmap(one)(keys)
+        d = jax.vmap(one)(keys)
+        if self.grid_points is None:
+            d["t"], d["s"] = jnp.asarray(grid.timesteps)[d["n"]], jnp.asarray(grid.prev_timesteps)[d["n"]]
+        else:
+            d["t"], d["s"] = sched.skip_pair(self.schedule.num_train_timesteps, num_points, d["n"])
+        return d
 
     def loss(self, params, state: TrainState, batch, frozen, rng, axis_name=None):
         batch_size = next(iter(batch.values())).shape[0]
-        d = self.draws(rng, batch_size, axis_name)
+        d = self.draws(rng, batch_size, axis_name, state.step)
         z = self.latent.encode(batch, frozen, d["posterior_noise"])
         cond, uncond = self.conditioning.encode(batch, frozen)
-        t, s = jnp.asarray(self.grid.timesteps)[d["n"]], jnp.asarray(self.grid.prev_timesteps)[d["n"]]
+        t, s = d["t"], d["s"]
         x_t = sched.add_noise(z, d["noise"], *self.schedule.alpha_sigma(t))
         w_emb = None if self.lora else self.w_embedding(d["w"])
         end = d.get("end")
@@ -222,7 +249,11 @@ class ConsistencyObjective:
         pred = self.boundary(self.network.params(params, frozen), x_t, t, cond, w_emb, end)
         loss = distance(pred, jax.lax.stop_gradient(target), self.lcd.loss,
                         self.lcd.get("huber_c", 0.001))
-        return loss, ({"loss": loss}, state.stats)
+        metrics = {"loss": loss}
+        if self.grid_points is not None:  # the curriculum's skip k = T / N at this step
+            metrics["skip"] = (self.schedule.num_train_timesteps
+                               // self.grid_points(state.step)).astype(jnp.float32)
+        return loss, (metrics, state.stats)
 
     # -- helpers -----------------------------------------------------------------------------
     def _student_from(self, rng, frozen):
