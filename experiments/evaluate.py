@@ -4,6 +4,10 @@ r"""A run's model sampled at 1 / 2 / 4 / 8 steps and scored as the LCM paper's t
       [--prompts prompts.txt] [--clip CLIP_FOLDER] [--inception INCEPTION.safetensors --ref_stats REF.npz]
 
 - Digits runs (README command 1): FD-digits and classifier accuracy of class-conditional samples.
+- Runs trained from scratch (LEGO, DiT: objective edm; diffusion): class-balanced FID-N with the
+  run's sampler (config.eval; --steps: its step counts, default config.eval.num_steps), sample i
+  of class i mod num_classes, against --ref_stats (e.g. ADM's reference batch statistics: the
+  same pool3 features); --num 50000 for FID-50K.
 - SD / SDXL runs: one image per prompt (the file's lines, cycled to --num), scored with
   - CLIP score (--clip: a transformers CLIPModel folder, e.g. openai/clip-vit-large-patch14 or
     laion's ViT-g-14 saved with save_pretrained, with its tokenizer and processor config);
@@ -17,7 +21,7 @@ import json
 import os
 
 from experiments import _harness, export
-from lcm_jax import cli_args, errors, paths
+from lcm_jax import cli_args, errors, objectives, paths
 
 
 def _sharded(x):
@@ -118,7 +122,28 @@ def evaluate_digits(config, objective, params, steps, num, batch_size, guidance,
     return {sampler: table}
 
 
-def evaluate(workdir, steps=(1, 2, 4, 8), num=None, weights="ema", prompts_file=None, clip=None,
+def evaluate_fid(config, objective, params, steps, num, batch_size, guidance, inception, ref_stats,
+                 seed=0):
+    """Class-balanced FID of a class-conditional model trained here, per sampling step count."""
+    import ml_collections
+
+    from lcm_jax.eval import inception as inception_lib
+    from lcm_jax.eval import sampling
+
+    features = inception_lib.InceptionFeatures.from_safetensors(inception)
+    ref = inception_lib.load_stats(ref_stats)
+    table = {}
+    for k in steps:
+        sc = ml_collections.ConfigDict(dict(config.eval))
+        sc.update(num_steps=k, guidance_scale=guidance)
+        table[str(k)] = {"fid": sampling.class_balanced_fid(
+            objective.sample_images, params, objective.frozen, sc, num, batch_size,
+            config.model.get("num_classes", 0), lambda x: features.features(x, (-1.0, 1.0)), ref,
+            seed)}
+    return {config.eval.sampler: table}
+
+
+def evaluate(workdir, steps=None, num=None, weights="ema", prompts_file=None, clip=None,
              inception=None, ref_stats=None, guidance=None, batch_size=None, config=None) -> dict:
     config = config or export.load_config(workdir)
     clip = _require(clip, "clip", "give a local transformers CLIPModel folder.")
@@ -128,6 +153,10 @@ def evaluate(workdir, steps=(1, 2, 4, 8), num=None, weights="ema", prompts_file=
     if bool(inception) != bool(ref_stats):
         raise errors.UserError("FID needs both --inception and --ref_stats.")
     pretrained = config.model.get("pretrained")
+    if objectives.module(config.objective).EXPORT is None:  # trained from scratch: FID
+        return _fid_run(config, workdir, steps, num, weights, inception, ref_stats, guidance,
+                        batch_size)
+    steps = steps or (1, 2, 4, 8)
     if pretrained:
         if not prompts_file:
             raise errors.UserError("An SD run is evaluated on prompts: give --prompts FILE (one per line).")
@@ -144,6 +173,23 @@ def evaluate(workdir, steps=(1, 2, 4, 8), num=None, weights="ema", prompts_file=
                             inception, ref_stats)
     else:
         table = evaluate_digits(config, objective, params, steps, num, batch_size, guidance)
+    return _record(workdir, step, weights, guidance, num, table)
+
+
+def _fid_run(config, workdir, steps, num, weights, inception, ref_stats, guidance, batch_size):
+    if not inception:
+        raise errors.UserError(f"objective={config.objective!r} (trained from scratch) is scored with "
+                               "class-balanced FID: give --inception and --ref_stats.")
+    objective = objectives.build(config, workdir, None)
+    params, step = export.restore_params(config, workdir, objective, weights)
+    guidance = config.eval.guidance_scale if guidance is None else guidance
+    num = num or config.eval.num_samples
+    table = evaluate_fid(config, objective, params, steps or (config.eval.num_steps,), num,
+                         batch_size or config.eval.batch_size, guidance, inception, ref_stats)
+    return _record(workdir, step, weights, guidance, num, table)
+
+
+def _record(workdir, step, weights, guidance, num, table) -> dict:
     result = {"step": step, "weights": weights, "guidance_scale": guidance, "num_samples": num,
               "table": table}
     paths.write_atomic(paths.path(workdir) / "evaluation.json", json.dumps(result, indent=2))
@@ -162,7 +208,8 @@ def format_table(table: dict) -> str:
 def main_cli():
     p = cli_args.Parser(description=__doc__)
     p.add_argument("--workdir", required=True, type=cli_args.existing_dir)
-    p.add_argument("--steps", type=cli_args.step_list, default="1,2,4,8")
+    p.add_argument("--steps", type=cli_args.step_list, default=None,
+                   help="step counts (default 1,2,4,8; runs trained from scratch: config.eval.num_steps)")
     p.add_argument("--num", type=cli_args.at_least(1), default=None,
                    help="images per step count (default config.eval)")
     p.add_argument("--batch_size", type=cli_args.at_least(1), default=None)

@@ -485,6 +485,15 @@ def peek(pipeline) -> dict:
     return batch
 
 
+def image_shape(config, pipeline=None) -> tuple:
+    """(H, W, C) of the training images: the pipeline's, or (pipeline None: to evaluate or export
+    without reading data) config.data's image_size and channels (3 unless set)."""
+    if pipeline is not None:
+        return tuple(peek(pipeline)["image"].shape[1:])
+    size = config.data.get("image_size", 16)
+    return (size, size, config.data.get("channels", 3))
+
+
 def _check_finite(metrics: dict, step: int, last_saved: int) -> None:
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:

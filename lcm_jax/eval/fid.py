@@ -27,6 +27,29 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], -1)
 
 
+class RunningStats:
+    """`gaussian_stats` of features streamed in batches: float64 sums of x and x x^T, so FID-50K
+    never holds 50k x 2048 features."""
+
+    def __init__(self):
+        self.count, self.total, self.outer = 0, None, None
+
+    def update(self, features) -> None:
+        f = np.asarray(features, np.float64)
+        if not np.all(np.isfinite(f)):
+            raise ValueError("RunningStats got non-finite features (NaN/inf in the images?).")
+        if self.total is None:
+            self.total, self.outer = np.zeros(f.shape[1]), np.zeros((f.shape[1], f.shape[1]))
+        self.count, self.total, self.outer = self.count + len(f), self.total + f.sum(0), self.outer + f.T @ f
+
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean [D] and unbiased covariance [D, D], as gaussian_stats gives."""
+        if self.count < 2:
+            raise ValueError(f"RunningStats needs at least 2 feature vectors, got {self.count}.")
+        mu = self.total / self.count
+        return mu, (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+
 def _psd_sqrt(matrix):
     """Symmetric square root of a symmetric PSD matrix via eigh (negative round-off clipped)."""
     eigvals, eigvecs = jnp.linalg.eigh((matrix + matrix.T) / 2)

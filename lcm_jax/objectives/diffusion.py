@@ -26,7 +26,7 @@ DIGITS_EVALUATION = "samples"
 def build(config, workdir: str, pipeline) -> "DiffusionObjective":
     from lcm_jax import models, train
 
-    image_shape = train.peek(pipeline)["image"].shape[1:]
+    image_shape = train.image_shape(config, pipeline)
     return DiffusionObjective(config, models.make_model(config.model, image_shape[-1]), image_shape)
 
 
@@ -94,7 +94,11 @@ class DiffusionObjective:
     def sample_fn(self, params, frozen, rng, num_images: int, sample_config):
         """Class-conditional samples cycling through the classes: (images in [-1, 1], labels)."""
         labels = jnp.arange(num_images, dtype=jnp.int32) % self.null_class
-        return self.sample(params, rng, labels, sample_config), labels
+        return self.sample_images(params, frozen, rng, labels, sample_config), labels
+
+    def sample_images(self, params, frozen, rng, labels, sample_config):
+        """Images in [-1, 1] for `labels`."""
+        return self.sample(params, rng, labels, sample_config)
 
     def save_outputs(self, workdir: str, params) -> None:
         """Nothing beyond the checkpoints."""

@@ -48,11 +48,11 @@ DIGITS_EVALUATION = "samples"
 
 
 def build(config, workdir: str, pipeline) -> "EDMObjective":
-    """The backbone of config.model on the pipeline's images, or on the latents of the frozen
-    VAE folder `config.model.vae`."""
+    """The backbone of config.model on the pipeline's images (pipeline None: config.data's size
+    and channels, for evaluation), or on the latents of the frozen VAE folder `config.model.vae`."""
     from lcm_jax import models, train
 
-    image_shape = train.peek(pipeline)["image"].shape[1:]
+    image_shape = train.image_shape(config, pipeline)
     channels = image_shape[-1]
     if config.model.get("vae"):  # a latent model: the VAE's latent channels
         from lcm_jax.models import convert
@@ -146,7 +146,11 @@ class EDMObjective:
         """Class-conditional samples cycling through the classes: (images in [-1, 1], labels)."""
         labels = (jnp.arange(num_images, dtype=jnp.int32) % self.null_class if self.null_class
                   else jnp.zeros((num_images,), jnp.int32))  # unconditional: 0 for the grids
-        return self.latent.decode(frozen, self.sample(params, rng, labels, sample_config)), labels
+        return self.sample_images(params, frozen, rng, labels, sample_config), labels
+
+    def sample_images(self, params, frozen, rng, labels, sample_config):
+        """Images in [-1, 1] for `labels` (decoded for a latent model)."""
+        return self.latent.decode(frozen, self.sample(params, rng, labels, sample_config))
 
     def save_outputs(self, workdir: str, params) -> None:
         """Nothing beyond the checkpoints."""
