@@ -36,6 +36,7 @@ def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_r
         num_ddim_timesteps=50, solver="ddim", w_min=w_min, w_max=w_max, w_embedding_dim=256,
         loss=loss, huber_c=0.001, target="online" if lora_rank else "ema",
         sigma_data=0.5, timestep_scaling=10.0, zero_init_cond_proj=True,
+        cond_proj_lr_scale=1.0,  # the w-embedding projection's lr factor (configs/digits_lcd.py)
         sample_posterior=True,  # latent_dist.sample(), as the SD LCD scripts
         lora=ml_collections.ConfigDict(dict(rank=lora_rank, alpha=float(lora_rank),
                                             targets=LCM_LORA_TARGETS,

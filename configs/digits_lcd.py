@@ -51,7 +51,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         w_embedding_dim=256,
         loss="huber", huber_c=0.001,
         target="ema",  # the EMA target network theta^-, decay config.ema_decay
-        sigma_data=0.5, timestep_scaling=10.0, zero_init_cond_proj=True,
+        sigma_data=0.5, timestep_scaling=10.0,
+        # The student's w-embedding input (cond_proj, added to the timestep embedding). Issue 24:
+        # from zero at lr 1e-4 it is not learned in 1,500 steps, so the student ignores w.
+        cond_proj_lr_scale=1.0,  # its lr = optimizer.lr * this (e.g. 100); everything else lr
+        zero_init_cond_proj=True,  # False: torch nn.Linear's default init (diffusers' scripts)
         sample_posterior=False,  # the teacher trained on posterior means (the latent cache)
         lora=None))  # e.g. ConfigDict(rank=64, alpha=64): LCM-LoRA on one base network
     c.ema_decay = 0.95

@@ -1,17 +1,20 @@
 """LCD: the fused train step equals the same math written out plainly (separate cond / uncond
 teacher calls, explicit DDIM, c_skip / c_out, pseudo-Huber, optax, EMA), in full and LoRA mode;
-the CFG-augmented solver step is exact for eps AND v teachers with every solver."""
+the CFG-augmented solver step is exact for eps AND v teachers with every solver; the w-embedding's
+own learning rate (lcd.cond_proj_lr_scale) and init (lcd.zero_init_cond_proj), issue 24."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lcm_jax.diffusion import consistency
 from lcm_jax.diffusion import schedule as sched
+from lcm_jax.errors import UserError
 from lcm_jax.models import lora
-from lcm_jax.objectives import conditioning
+from lcm_jax.objectives import common, conditioning
 from lcm_jax.objectives.parts import Base
 from conftest import fast_compile
 from support.lcd import (B, NULL, batch, max_diff, plain_update, randomized, step_tol, tiny_config,
@@ -209,3 +212,131 @@ def test_bfloat16_storage_keeps_a_float32_master():
         losses[param_dtype] = float(metrics["loss"])
     assert np.isfinite(losses["bfloat16"]) and losses["bfloat16"] != losses["float32"]
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# The w-embedding's learning rate (lcd.cond_proj_lr_scale) and init (issue 24)
+# ----------------------------------------------------------------------------------------------
+
+def _opt_config(**kw):
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(dict(lr=1e-2, warmup_steps=2, decay="cosine", b1=0.9,
+                                               b2=0.99, eps=1e-6, weight_decay=0.1, grad_clip=1.0),
+                                          **kw))
+
+
+def _toy_params():
+    """A DiT-like and a UNet-like cond_proj beside ordinary params."""
+    rng = np.random.default_rng(0)
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    return {"cond_proj": {"kernel": arr(6, 4)},
+            "t_embedder": {"linear_1": {"kernel": arr(4, 5), "bias": arr(5)}},
+            "time_embedding": {"cond_proj": {"kernel": arr(6, 3)}, "linear_1": {"kernel": arr(3, 3)}}}
+
+
+def _toy_grads(n, scale=3.0):
+    """n gradient trees whose global norm is well above the clip (1.0)."""
+    rng = np.random.default_rng(1)
+    return [jax.tree.map(lambda p: jnp.asarray(scale * rng.standard_normal(p.shape), jnp.float32),
+                         _toy_params()) for _ in range(n)]
+
+
+def _run(tx, params, grads):
+    state = tx.init(params)
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize("scales", [None, {}, {"cond_proj": 1.0}, {"cond_proj": 1}])
+def test_lr_scale_one_is_todays_optimizer_bit_for_bit(scales):
+    c = _opt_config()
+    today = optax.chain(optax.clip_by_global_norm(c.grad_clip),
+                        optax.adamw(common.learning_rate(c, 20), b1=c.b1, b2=c.b2, eps=c.eps,
+                                    weight_decay=c.weight_decay))
+    tx = common.make_optimizer(c, 20, scales)
+    params, grads = _toy_params(), _toy_grads(4)
+    want, want_state = _run(today, params, grads)
+    got, got_state = _run(tx, params, grads)
+    assert jax.tree.structure(got_state) == jax.tree.structure(want_state)  # no multi_transform
+    for a, b in zip(jax.tree.leaves((got, got_state)), jax.tree.leaves((want, want_state))):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_cond_proj_lr_scale_is_adamw_at_lr_times_scale_after_the_shared_clip(k):
+    """Two optimizer updates: the cond_proj params (both nestings) move as AdamW at lr * s, the
+    others as AdamW at lr, both on the gradient clipped by the norm over ALL params (and under
+    accumulate_steps = k the same, each gradient given k times)."""
+    s, lr = 30.0, 1e-2
+    c = _opt_config(warmup_steps=0, decay="constant", lr=lr, accumulate_steps=k)
+    tx = common.make_optimizer(c, 20, {"cond_proj": s})
+    params, grads = _toy_params(), _toy_grads(2)
+    got, state = _run(tx, params, [g for g in grads for _ in range(k)])
+    if k > 1:
+        assert isinstance(state, optax.MultiStepsState)
+
+    is_w = lambda tree: {"cond_proj": tree["cond_proj"],
+                         "time_embedding": {"cond_proj": tree["time_embedding"]["cond_proj"]}}
+    rest = lambda tree: {"t_embedder": tree["t_embedder"],
+                         "time_embedding": {"linear_1": tree["time_embedding"]["linear_1"]}}
+    clip = optax.clip_by_global_norm(1.0)
+    clipped = [clip.update(g, clip.init(params))[0] for g in grads]
+    assert float(optax.global_norm(grads[0])) > 2  # the clip is active, and per group it differs
+    assert max_diff(is_w(clipped[0]), is_w(clip.update(is_w(grads[0]), None)[0])) > 1e-2
+    adamw = lambda rate: optax.adamw(rate, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+    want_w, _ = _run(adamw(lr * s), is_w(params), [is_w(g) for g in clipped])
+    want_rest, _ = _run(adamw(lr), rest(params), [rest(g) for g in clipped])
+
+    for got_tree, want_tree in ((is_w(got), want_w), (rest(got), want_rest)):
+        for a, b in zip(jax.tree.leaves(got_tree), jax.tree.leaves(want_tree)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # The scale matters: the w-embedding moved ~s times as far as at lr.
+    at_lr, _ = _run(adamw(lr), is_w(params), [is_w(g) for g in clipped])
+    assert max_diff(want_w, is_w(params)) > 10 * max_diff(at_lr, is_w(params))
+
+
+def test_lr_scales_are_checked():
+    c = _opt_config()
+    with pytest.raises(ValueError, match="match no param"):
+        common.make_optimizer(c, 20, {"cond_prj": 10.0}).init(_toy_params())
+    with pytest.raises(ValueError, match="several"):
+        common.make_optimizer(c, 20, {"cond_proj": 10.0, "proj": 2.0}).init(_toy_params())
+    for bad in (-1.0, float("nan"), True, "10"):
+        with pytest.raises(ValueError, match="finite real"):
+            common.make_optimizer(c, 20, {"cond_proj": bad})
+
+
+def test_objective_scales_the_w_embedding_and_can_init_it_as_diffusers():
+    """lcd.cond_proj_lr_scale reaches the student's cond_proj (and only it) through the objective's
+    optimizer; lcd.zero_init_cond_proj=False draws cond_proj as torch's nn.Linear (non-zero,
+    |k| <= 1/sqrt(256)), every other param still the teacher's."""
+    s = 100.0
+    config = tiny_config(cond_proj_lr_scale=s, zero_init_cond_proj=False)
+    objective = lcd_objective(config, tiny_teacher(config))
+    default = lcd_objective(tiny_config(), objective.base)
+    state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), objective.frozen)
+    kernel = state.params["cond_proj"]["kernel"]
+    assert kernel.shape == (256, 256)
+    assert 0.9 / 16 < float(jnp.max(jnp.abs(kernel))) <= 1 / 16
+    np.testing.assert_allclose(float(jnp.std(kernel)), 1 / (16 * np.sqrt(3)), rtol=0.02)
+    rest = {k: v for k, v in state.params.items() if k != "cond_proj"}
+    assert max_diff(rest, {k: objective.frozen["base"][k] for k in rest}) == 0
+
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), state.params)
+    moved = {}
+    for name, obj in (("scaled", objective), ("default", default)):
+        st = state.replace(opt_state=obj.tx.init(state.params))
+        new, _ = common.apply_gradients(st, grads, {}, obj.tx, obj.config.ema_decay)
+        moved[name] = jax.tree.map(jnp.subtract, new.params, state.params)
+    np.testing.assert_allclose(moved["scaled"]["cond_proj"]["kernel"],
+                               s * moved["default"]["cond_proj"]["kernel"], rtol=1e-5)
+    assert float(jnp.max(jnp.abs(moved["default"]["cond_proj"]["kernel"]))) > 0
+    others = lambda m: {k: v for k, v in m.items() if k != "cond_proj"}
+    assert max_diff(others(moved["scaled"]), others(moved["default"])) == 0
+
+    with pytest.raises(UserError, match="LoRA mode"):
+        lcd_objective(tiny_config(cond_proj_lr_scale=s, lora=dict(rank=4, alpha=4.0), target="online"),
+                      objective.base)

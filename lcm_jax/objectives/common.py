@@ -2,7 +2,10 @@
 randomness, and running a named sampler."""
 from __future__ import annotations
 
+import functools
+import math
 import numbers
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +43,19 @@ def accumulate_steps(opt_config) -> int:
     return int(k)
 
 
-def make_optimizer(opt_config, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt_config, total_steps: int,
+                   lr_scales: Mapping[str, float] | None = None) -> optax.GradientTransformation:
     """AdamW with gradient clipping by global norm (the LCD scripts' max_grad_norm = 1).
+
+    `lr_scales` {param-path substring: factor}: the params whose path (keys joined by "/", e.g.
+    "time_embedding/cond_proj/kernel") contains the substring are updated by AdamW at the
+    learning rate times the factor, every other param at the learning rate (torch's param groups
+    with their own lr: Adam's moments are per param either way, and the decoupled weight decay
+    is lr * factor * weight_decay, as torch's AdamW does with a group's lr). The gradient is
+    clipped by its global norm over ALL params before the split (optax.multi_transform, the
+    groups labelled from the param tree when the optimizer is initialised). A param matching
+    two substrings, or a substring matching none, is an error. None, {} or factors of 1: the
+    plain chain, bit for bit (no multi_transform).
 
     `optimizer.accumulate_steps` = k > 1 wraps it in optax.MultiSteps: each train step adds its
     batch's gradient to a running mean, and every k-th step the clip + AdamW update runs on the
@@ -49,17 +63,79 @@ def make_optimizer(opt_config, total_steps: int) -> optax.GradientTransformation
     EMA only on the updating steps). k steps of batch B then equal one step of batch k B: the
     effective batch is k * config.batch_size, there are total_steps // k updates, and the
     schedule counts updates. k = 1: the plain chain, no wrapper."""
+    schedule = learning_rate(opt_config, total_steps)
+    adamw = lambda lr: optax.adamw(lr, b1=opt_config.get("b1", 0.9), b2=opt_config.get("b2", 0.999),
+                                   eps=opt_config.get("eps", 1e-8),
+                                   weight_decay=opt_config.get("weight_decay", 0.0))
+    scales = checked_lr_scales(lr_scales)
     chain = []
     if opt_config.get("grad_clip"):
         chain.append(optax.clip_by_global_norm(opt_config.grad_clip))
-    chain.append(optax.adamw(learning_rate(opt_config, total_steps), b1=opt_config.get("b1", 0.9),
-                             b2=opt_config.get("b2", 0.999), eps=opt_config.get("eps", 1e-8),
-                             weight_decay=opt_config.get("weight_decay", 0.0)))
+    if scales:
+        groups = {DEFAULT_GROUP: adamw(schedule)}
+        for i, factor in enumerate(scales.values()):
+            groups[f"lr_scale_{i}"] = adamw(lambda count, f=factor: schedule(count) * f)
+        chain.append(optax.multi_transform(groups, functools.partial(lr_groups, tuple(scales))))
+    else:
+        chain.append(adamw(schedule))
     tx = optax.chain(*chain)
     k = accumulate_steps(opt_config)
     if k > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
     return tx
+
+
+DEFAULT_GROUP = "default"  # make_optimizer's group of the params no lr_scales substring names
+
+
+def checked_lr_scales(lr_scales) -> dict[str, float]:
+    """`lr_scales` without its factors of 1, each a real >= 0 (0 freezes the group)."""
+    scales = {}
+    for substring, factor in (lr_scales or {}).items():
+        if not isinstance(substring, str) or not substring:
+            raise ValueError(f"lr_scales key {substring!r}: use a non-empty param-path substring.")
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not (
+                math.isfinite(factor) and factor >= 0):
+            raise ValueError(f"lr_scales[{substring!r}]={factor!r}: use a finite real >= 0.")
+        if factor != 1:
+            scales[substring] = float(factor)
+    return scales
+
+
+def param_path(keypath) -> str:
+    """A jax key path as "a/b/c" (dict keys, attribute names, sequence indices)."""
+    parts = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def lr_groups(substrings: tuple, tree):
+    """The make_optimizer group of each leaf of `tree` (params or updates): "lr_scale_{i}" for
+    the one substring its path contains, DEFAULT_GROUP for none."""
+    used = set()
+
+    def label(keypath, _):
+        path = param_path(keypath)
+        hits = [i for i, s in enumerate(substrings) if s in path]
+        if len(hits) > 1:
+            raise ValueError(f"Param {path!r} matches several lr_scales substrings "
+                             f"{[substrings[i] for i in hits]}; make them disjoint.")
+        used.update(hits)
+        return f"lr_scale_{hits[0]}" if hits else DEFAULT_GROUP
+
+    labels = jax.tree_util.tree_map_with_path(label, tree)
+    if len(used) < len(substrings):
+        missing = [s for i, s in enumerate(substrings) if i not in used]
+        paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0][:3]]
+        raise ValueError(f"lr_scales substrings {missing} match no param path (the paths read "
+                         f"like {paths}).")
+    return labels
 
 
 def ema_update(ema_params, params, decay):

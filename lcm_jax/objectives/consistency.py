@@ -31,6 +31,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lcm_jax import config_rules as rules
 from lcm_jax.diffusion import consistency as cm
@@ -112,7 +113,7 @@ class ConsistencyObjective:
         self.conditioning = base.conditioning
         self.scalings = dict(sigma_data=lcd.get("sigma_data", 0.5),
                              timestep_scaling=lcd.get("timestep_scaling", 10.0))
-        self.tx = common.make_optimizer(config.optimizer, config.total_steps)
+        self.tx = common.make_optimizer(config.optimizer, config.total_steps, self._lr_scales())
         self.frozen = base.frozen()
 
     # -- what the loop needs ----------------------------------------------------------------
@@ -256,10 +257,26 @@ class ConsistencyObjective:
         return loss, (metrics, state.stats)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _lr_scales(self):
+        """make_optimizer's lr_scales: `lcd.cond_proj_lr_scale` (default 1, no groups) on the
+        w-embedding projection, every param path holding "cond_proj" (DiT's `cond_proj`, the
+        UNet's `time_embedding/cond_proj`). Issue 24: from zero at lr 1e-4 it is not learned in
+        README command 1's 1,500 steps, and the student ignores w."""
+        scale = self.lcd.get("cond_proj_lr_scale", 1.0)
+        if scale == 1:
+            return None
+        if self.lora:
+            raise UserError(f"config.lcd.cond_proj_lr_scale={scale!r} scales the learning rate "
+                            "of the full student's w-embedding projection; LoRA mode trains no "
+                            "w-embedding (guidance is applied at sampling time): leave it 1.0.")
+        return {"cond_proj": scale}
+
     def _student_from(self, rng, frozen):
         """The base plus the new w-embedding projection (`cond_proj`) when it lacks one,
         zero-initialised (`lcd.zero_init_cond_proj`, default) so that the student starts as the
-        base."""
+        base; zero_init_cond_proj=False draws it as diffusers' LCD scripts leave it (torch's
+        nn.Linear default, `torch_linear_init`: the backbones' own init of it may be zeros, as
+        DiT's is)."""
         cond, _, _ = self.conditioning.sample_conditions(frozen, 1)
         x = jnp.zeros((1,) + self.latent.shape)
         t = jnp.zeros((1,), jnp.int32)
@@ -268,10 +285,30 @@ class ConsistencyObjective:
         taught = convert.flatten(frozen["base"])
         if set(taught) - set(fresh):
             raise ValueError(f"Params absent from the student: {sorted(set(taught) - set(fresh))[:5]}")
-        zero_new = self.lcd.get("zero_init_cond_proj", True)
-        return convert.unflatten({
-            p: taught[p] if p in taught else (jnp.zeros_like(v) if zero_new else v)
-            for p, v in fresh.items()})
+        new = {p: v for p, v in fresh.items() if p not in taught}
+        if self.lcd.get("zero_init_cond_proj", True):
+            new = {p: jnp.zeros_like(v) for p, v in new.items()}
+        else:
+            new = torch_linear_init(jax.random.fold_in(rng, 1), new)
+        return convert.unflatten({p: taught[p] if p in taught else new[p] for p in fresh})
+
+
+def torch_linear_init(rng, flat: dict) -> dict:
+    """torch.nn.Linear's default init of flat {path: array} params (diffusers' for a layer it
+    adds): each "kernel" [..., in, out] ~ U(+-1/sqrt(fan_in)) (kaiming_uniform, a = sqrt(5)), fan_in
+    the product of all but its last dim, its sibling "bias" likewise with the kernel's fan_in;
+    other leaves as given."""
+    out = dict(flat)
+    for i, p in enumerate(sorted(flat)):
+        if p[-1] not in ("kernel", "bias"):
+            continue
+        kernel = flat.get(p[:-1] + ("kernel",))
+        if kernel is None:
+            continue
+        bound = 1.0 / float(np.sqrt(np.prod(kernel.shape[:-1])))
+        out[p] = jax.random.uniform(jax.random.fold_in(rng, i), flat[p].shape, flat[p].dtype,
+                                    -bound, bound)
+    return out
 
 
 # ==============================================================================================
