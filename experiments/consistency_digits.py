@@ -79,7 +79,7 @@ def main():
     parser.add_argument("--teacher", action="store_true", help="score the teacher's DDIM-50")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--eval_every", type=int, default=0)
-    parser.add_argument("--guidance", default="2.5")
+    parser.add_argument("--guidance", default="1.5", help="guidance scales, e.g. 1,1.5,2 (command 1's: 1.5)")
     parser.add_argument("--gammas", default="0,0.3,0.5,1")
     parser.add_argument("--seeds", default="0")
     args = parser.parse_args()
