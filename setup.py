@@ -5,6 +5,7 @@ setup(
     name="lcm_jax",
     version="0.1.0",
     description="Latent consistency distillation, TCD, Smooth Diffusion and LEGO bricks in JAX.",
+    url="https://github.com/lcm-jax/lcm_jax",  # the notebooks' setup cells clone this (tests check)
     packages=find_packages(include=["lcm_jax", "lcm_jax.*"]),
     python_requires=">=3.10",
     install_requires=[

@@ -30,3 +30,21 @@ def test_config_docstrings_give_command_runtime_and_result():
             doc = open(os.path.join(folder, name)).read().split('"""')[1]
             assert "python -m experiments.main" in doc, name
             assert "Expected" in doc, name
+
+
+def test_one_repository_url_for_setup_readme_and_every_notebook():
+    """setup.py's url is the one the README names, every notebook's setup cell clones and every
+    Colab badge in notebooks/README.md opens."""
+    import json
+
+    url = re.search(r'url="([^"]+)"', open(os.path.join(ROOT, "setup.py")).read()).group(1)
+    assert url in open(os.path.join(ROOT, "README.md")).read()
+    badges = open(os.path.join(ROOT, "notebooks", "README.md")).read()
+    colab = url.replace("https://github.com/", "https://colab.research.google.com/github/")
+    notebooks = sorted(n for n in os.listdir(os.path.join(ROOT, "notebooks")) if n.endswith(".ipynb"))
+    assert notebooks
+    for name in notebooks:
+        cells = json.load(open(os.path.join(ROOT, "notebooks", name)))["cells"]
+        setup = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+        assert f'REPOSITORY, REF = "{url}", ' in setup and "git clone -q {REPOSITORY}" in setup, name
+        assert f"{colab}/blob/main/notebooks/{name}" in badges, name
