@@ -96,9 +96,10 @@ class DiffusionObjective:
         labels = jnp.arange(num_images, dtype=jnp.int32) % self.null_class
         return self.sample_images(params, frozen, rng, labels, sample_config), labels
 
-    def sample_images(self, params, frozen, rng, labels, sample_config):
-        """Images in [-1, 1] for `labels`."""
-        return self.sample(params, rng, labels, sample_config)
+    def sample_images(self, params, frozen, rng, labels, sample_config, shape=None):
+        """Images in [-1, 1] for `labels` on a canvas `shape` (H, W, C; default the training one;
+        a DiT computes its positions from the canvas)."""
+        return self.sample(params, rng, labels, sample_config, shape)
 
     def save_outputs(self, workdir: str, params) -> None:
         """Nothing beyond the checkpoints."""
@@ -123,8 +124,8 @@ class DiffusionObjective:
         loss = jnp.mean(weight * mse)
         return loss, ({"loss": loss, "mse": jnp.mean(mse)}, state.stats)
 
-    def sample(self, params, rng, labels, sample_config):
-        x = jax.random.normal(rng, (labels.shape[0],) + self.image_shape)
+    def sample(self, params, rng, labels, sample_config, shape=None):
+        x = jax.random.normal(rng, (labels.shape[0],) + tuple(shape or self.image_shape))
         model_fn = samplers.guided(lambda x, t, y: self.network.denoiser.apply(params, x, t, y),
                                    labels, jnp.full_like(labels, self.null_class),
                                    sample_config.guidance_scale)

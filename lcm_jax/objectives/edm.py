@@ -148,9 +148,10 @@ class EDMObjective:
                   else jnp.zeros((num_images,), jnp.int32))  # unconditional: 0 for the grids
         return self.sample_images(params, frozen, rng, labels, sample_config), labels
 
-    def sample_images(self, params, frozen, rng, labels, sample_config):
-        """Images in [-1, 1] for `labels` (decoded for a latent model)."""
-        return self.latent.decode(frozen, self.sample(params, rng, labels, sample_config))
+    def sample_images(self, params, frozen, rng, labels, sample_config, shape=None):
+        """Images in [-1, 1] for `labels` (decoded for a latent model) on a canvas `shape` (the
+        network's input: latents for a latent model; default the training one)."""
+        return self.latent.decode(frozen, self.sample(params, rng, labels, sample_config, shape))
 
     def save_outputs(self, workdir: str, params) -> None:
         """Nothing beyond the checkpoints."""
