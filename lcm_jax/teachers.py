@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lcm_jax import config_loading, models, paths, train
+from lcm_jax import config_loading, models, paths, tracking, train
 from lcm_jax.errors import UserError
 from lcm_jax.data import digits
 from lcm_jax.diffusion import schedule as sched
@@ -85,7 +85,7 @@ def from_pretrained(config, w_embedding_dim: int | None = None) -> Base:
 def _tracked(stage, workdir: str, job_type: str) -> ml_collections.ConfigDict:
     """The stage's W&B run joins the chain's group (the student's workdir), as `job_type`."""
     if "wandb" in stage:
-        stage.wandb.update(group=stage.wandb.get("group") or workdir.rstrip("/"), job_type=job_type,
+        stage.wandb.update(group=stage.wandb.get("group") or tracking.group_name(workdir), job_type=job_type,
                            name="")
     return stage
 

@@ -1,5 +1,6 @@
 """Weights & Biases: one W&B run per workdir, continued when the workdir resumes, and grouped by
-experiment (the digits chain's VAE, teacher and student runs share the student's workdir as group).
+experiment (the digits chain's VAE, teacher and student runs share the student's workdir's name as
+group).
 
 Offline by default: runs land in W/wandb/offline-run-*; `wandb sync W/wandb/offline-run-*` uploads
 them (a resumed workdir has several, one W&B run id). The WANDB_MODE environment variable, when set,
@@ -43,14 +44,20 @@ def start(config, workdir: str, primary: bool = True):
 
     w = config.wandb
     workdir = workdir.rstrip("/")
-    group = w.get("group") or workdir
+    group = w.get("group") or group_name(workdir)
     job_type = w.get("job_type") or config.get("objective", "train")
-    name = w.get("name") or (os.path.basename(workdir) if group == workdir else
-                             f"{os.path.basename(group.rstrip('/'))}-{job_type}")
+    name = w.get("name") or (group_name(workdir) if group == group_name(workdir) else
+                             f"{group}-{job_type}")
     return wandb.init(project=w.project, entity=w.get("entity") or None, mode=mode(config),
                       dir=paths.local_dir(workdir, "wandb"), config=flat_config(config.to_dict()), tags=list(w.get("tags", ())),
                       group=group, job_type=job_type, name=name, id=run_id(workdir),
                       resume="allow", settings=wandb.Settings(quiet=True))
+
+
+def group_name(workdir: str) -> str:
+    """The W&B group of a workdir: its name, so that a notebook and a CLI run of the same
+    workdir (a relative and an absolute path) are one experiment."""
+    return os.path.basename(str(workdir).rstrip("/"))
 
 
 def run_id(workdir: str) -> str:
@@ -91,7 +98,7 @@ def results_table(results: dict):
 def log_results(config, directory: str, name: str, results: dict) -> None:
     """A study's table (e.g. experiments/lcd_ablation.py) as its own run in the study's group."""
     summary = ml_collections.ConfigDict(config.to_dict())
-    summary.wandb.update(group=summary.wandb.get("group") or directory.rstrip("/"), job_type="summary")
+    summary.wandb.update(group=summary.wandb.get("group") or group_name(directory), job_type="summary")
     (paths.path(directory) / "summary").mkdir(parents=True, exist_ok=True)
     run = start(summary, f"{directory.rstrip('/')}/summary")
     if run is not None:

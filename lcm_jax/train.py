@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcm_jax import models, parallel, paths, tracking
+from lcm_jax.objectives import common
 from lcm_jax.errors import UserError
 
 log = logging.getLogger("lcm_jax")
@@ -220,7 +221,7 @@ class Writers:
         if self.wandb:
             self.wandb.log(metrics, step=step)
 
-    def images(self, step: int, name: str, grid: np.ndarray, path: str) -> None:
+    def images(self, step: int, name: str, grid: np.ndarray, path: str, caption: str = "") -> None:
         if not self.primary:
             return
         from PIL import Image
@@ -230,7 +231,7 @@ class Writers:
         if self.wandb:
             import wandb
 
-            self.wandb.log({name: wandb.Image(image, caption=f"step {step}")}, step=step)
+            self.wandb.log({name: wandb.Image(image, caption=f"step {step}{caption}")}, step=step)
 
     def results(self, step: int, results: dict) -> None:
         """Evaluation results: scalars eval/<path> and one W&B table ('eval_table')."""
@@ -382,6 +383,10 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
     bar = _progress(total, start)
     metrics, last_saved, t0 = None, start, time.time()
     try:
+        # The learning rate of the update at each step, logged beside the loss (the schedule
+        # counts optimizer updates: one per `optimizer.accumulate_steps` steps).
+        learning_rate = common.learning_rate(config.optimizer, config.total_steps)
+        updates_every = common.accumulate_steps(config.optimizer)
         for step in range(start + 1, total + 1):
             batch = program.device_batch(next(pipeline))
             state, metrics = program.step_fn(state, batch)
@@ -393,7 +398,8 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
                 host = program.host_metrics(metrics)
                 _check_finite(host, step, last_saved)
                 host.update(steps_per_sec=(step - start) / (time.time() - t0),
-                            data_skipped=float(getattr(pipeline, "num_skipped", 0)))
+                            data_skipped=float(getattr(pipeline, "num_skipped", 0)),
+                            lr=float(learning_rate((step - 1) // updates_every)))
                 writers.scalars(step, host)
                 bar.set_postfix(loss=f"{host['loss']:.4f}")
             if step % config.checkpoint.every_steps == 0 or is_last or stop["signal"]:
@@ -407,7 +413,7 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
                 images = sample(ema, program.sample_frozen,
                                 jax.random.PRNGKey(config.seed + 1))  # fixed seed: comparable
                 writers.images(step, "samples", image_grid(parallel.to_host(images)),
-                               workdir / f"samples_{step:07d}.png")
+                               workdir / f"samples_{step:07d}.png", sample_caption(config.sample))
             if evaluate is not None and eval_every and step % eval_every == 0 and not is_last:
                 writers.results(step, evaluate(step, program.host_state(state).ema_params,
                                                program.sample_frozen))
@@ -492,6 +498,15 @@ def image_shape(config, pipeline=None) -> tuple:
         return tuple(peek(pipeline)["image"].shape[1:])
     size = config.data.get("image_size", 16)
     return (size, size, config.data.get("channels", 3))
+
+
+def sample_caption(sample_config) -> str:
+    """What a sample grid shows: ': SAMPLER, N steps, guidance G; CONDITIONS' (the prompts, or
+    the classes cycling from 0 along the rows)."""
+    prompts = sample_config.get("prompts", None)
+    conditions = "prompts " + " | ".join(prompts) if prompts else "classes 0, 1, ... cycling"
+    return (f": {sample_config.sampler}, {sample_config.num_steps} steps, guidance "
+            f"{sample_config.get('guidance_scale', 1.0)}; {conditions}")
 
 
 def _check_finite(metrics: dict, step: int, last_saved: int) -> None:

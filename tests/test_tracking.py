@@ -52,14 +52,22 @@ def test_offline_run_holds_everything_and_resumes(tmp_path, monkeypatch):
     first, second = wandb_records.read_runs(workdir)
     assert first["id"] == second["id"] == open(os.path.join(workdir, "wandb_run_id")).read()
     for run in (first, second):
-        assert run["group"] == workdir and run["job_type"] == config.objective and run["name"] == "run"
+        assert run["group"] == "run" and run["job_type"] == config.objective and run["name"] == "run"
         assert run["config"]["optimizer.lr"] == config.optimizer.lr  # flattened
         assert run["config"]["wandb.tags"] == ["test"]
     steps = lambda run, key: [h["_step"] for h in run["history"]
                               if any(k == key or k.startswith(key + "/") for k in h)]
     assert steps(first, "loss") == [1, 2] and steps(second, "loss") == [3, 4]  # continued
     assert steps(second, "samples") == [4] and steps(second, "eval_table") == [4]
-    assert second["summary"]["eval/lcm/4/fd"] == 2.0 and second["summary"]["samples/caption"] == "step 4"
+    assert second["summary"]["eval/lcm/4/fd"] == 2.0
+    assert second["summary"]["samples/caption"] == (
+        "step 4: ddim, 2 steps, guidance 2.0; classes 0, 1, ... cycling")
+    # The learning rate of each step's update, on the schedule the optimizer follows.
+    from lcm_jax.objectives import common
+
+    schedule = common.learning_rate(config.optimizer, 4)
+    lrs = {h["_step"]: h["lr"] for h in second["history"] if "lr" in h}
+    assert lrs and all(abs(lr - float(schedule(s - 1))) < 1e-9 for s, lr in lrs.items()), lrs
     checkpoint = second["summary"]["checkpoint"]
     assert checkpoint == os.path.join(workdir, "checkpoints", "4") and os.path.isdir(checkpoint)
     run_dir = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))[1]
@@ -76,5 +84,5 @@ def test_a_study_table_is_a_summary_run_in_the_study_group(tmp_path, monkeypatch
     config.wandb.mode = "offline"
     tracking.log_results(config, str(tmp_path), "ablation", TABLE)  # experiments/lcd_ablation.py
     (run,) = wandb_records.read_runs(str(tmp_path / "summary"))
-    assert (run["group"], run["job_type"], run["name"]) == (str(tmp_path), "summary", f"{tmp_path.name}-summary")
+    assert (run["group"], run["job_type"], run["name"]) == (tmp_path.name, "summary", f"{tmp_path.name}-summary")
     assert any(f.startswith("media/table/ablation_") for f in run["files"])
