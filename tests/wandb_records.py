@@ -6,11 +6,28 @@ import struct
 
 
 def records(path: str):
-    """The protobuf records of a .wandb file: LevelDB's log format (32 KiB blocks of chunks with a
-    7-byte header: crc32, length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4) after a 7-byte
-    ':W&B' header."""
+    """The protobuf records of a .wandb file, read by wandb's own reader where the installed wandb
+    has one (`wandb.sdk.internal.datastore`, wandb <= 0.19), else by `_log_records`: wandb 0.2x /
+    0.31 (installed here) read their run files only in the Go core (wandb-core) and ship no Python
+    reader."""
     from wandb.proto import wandb_internal_pb2 as pb
 
+    try:
+        from wandb.sdk.internal import datastore
+    except ImportError:
+        yield from _log_records(path, pb)
+        return
+    store = datastore.DataStore()
+    store.open_for_scan(path)
+    while (data := store.scan_data()) is not None:
+        record = pb.Record()
+        record.ParseFromString(data)
+        yield record
+
+
+def _log_records(path: str, pb):
+    """LevelDB's log format (32 KiB blocks of chunks with a 7-byte header: crc32, length, type
+    FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4) after a 7-byte ':W&B' header."""
     data = open(path, "rb").read()
     assert data[:4] == b":W&B", path
     pos, block, chunks = 7, 32768, []
