@@ -126,11 +126,16 @@ class StableDiffusion:
                    tuple(e[1] for e in encoders), tuple(tokenizers), schedule_from_scheduler_config(sc),
                    sc, sample_size, len(names) == 2 and index.get("force_zeros_for_empty_prompt", True))
 
-    def load_lora_weights(self, path: str, scale: float = 1.0) -> "StableDiffusion":
+    def load_lora_weights(self, path: str, scale: float = 1.0, fuse: bool = True) -> "StableDiffusion":
         """diffusers' `pipe.load_lora_weights(path); pipe.fuse_lora(lora_scale=scale)`: a UNet LoRA
         in peft layout (what `lora.save` and lcm_jax's exports write) merged into a copy of the
-        UNet params. The returned pipeline shares everything else, compiled programs included."""
+        UNet params; `fuse=False` keeps it unmerged (`lora.Unmerged`: the factors applied next to
+        each layer, no second UNet in memory: several LoRAs on one base fit a small GPU). The
+        returned pipeline shares everything else, compiled programs included."""
         factors, alpha = lora.load(path)
+        if not fuse:
+            return dataclasses.replace(self, unet_params=lora.Unmerged(self.unet_params, factors,
+                                                                      alpha, scale))
         return dataclasses.replace(self, unet_params=lora.merge(self.unet_params, factors, alpha, scale))
 
     @property
@@ -230,6 +235,9 @@ def _sample(module, schedule, prediction, sampler, steps, cfg, gamma, options,
          if w_dim else None)
 
     def apply(x, t, c):  # never the 2B batch when w is embedded (cfg is off then)
+        if isinstance(params, lora.Unmerged):  # the factors next to each layer, one base copy
+            with lora.applied(params.lora, params.alpha, params.scale):
+                return module.apply({"params": params.base}, x, t, **c, timestep_cond=w)
         return module.apply({"params": params}, x, t, **c, timestep_cond=w)
 
     model_fn = samplers.guided(apply, cond, uncond, guidance) if cfg else (lambda x, t: apply(x, t, cond))

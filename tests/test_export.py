@@ -3,6 +3,7 @@ student's checkpoint becomes a LatentConsistencyModelPipeline folder, an LCM-LoR
 pytorch_lora_weights.safetensors for pipe.load_lora_weights; diffusers' images equal ours (same
 latents, same step noise). experiments/evaluate.py scores the full run with CLIP. The checkpoints are written as train.run writes them (the train step
 itself is tested in test_lcd_sd), with EMA and online weights apart so the --weights flag shows."""
+import dataclasses
 import json
 import os
 
@@ -16,6 +17,7 @@ import jax  # noqa: E402
 
 from configs import sd15_lcd, sd15_lcm_lora  # noqa: E402
 from lcm_jax import objectives, pipeline, train  # noqa: E402
+from lcm_jax.models import lora  # noqa: E402
 from support.sd import PROMPT, config_for, run_diffusers  # noqa: E402
 
 from experiments import export  # noqa: E402
@@ -82,6 +84,11 @@ def test_lcm_lora_exports_what_load_lora_weights_takes(folder, tmp_path, monkeyp
     got = ours(PROMPT, sampler="lcm", num_inference_steps=2, guidance_scale=1.5, seed=6)
     untouched = base(PROMPT, sampler="lcm", num_inference_steps=2, guidance_scale=1.5, seed=6)
     assert np.max(np.abs(untouched - expected)) > 1e-3  # the adapter changes the images
+    assert np.max(np.abs(got - expected)) <= 1e-4
+    unmerged = dataclasses.replace(base.load_lora_weights(str(tmp_path / "out"), fuse=False),
+                                   scheduler_config=ours.scheduler_config)
+    assert isinstance(unmerged.unet_params, lora.Unmerged)  # one base UNet in memory
+    got = unmerged(PROMPT, sampler="lcm", num_inference_steps=2, guidance_scale=1.5, seed=6)
     assert np.max(np.abs(got - expected)) <= 1e-4
 
 
