@@ -218,6 +218,8 @@ def test_sampling_on_larger_canvases_and_with_skipping(tiny_pg):
         lambda p: objective.sample(p, jax.random.PRNGKey(0), labels, _with(sc, t_break), shape), params)
     wide = draw(0.0, (16, 32, 1))
     assert wide.shape == (2, 16, 32, 1) and np.isfinite(wide).all()
+    odd = draw(0.0, (12, 20, 1))  # not multiples of the 16-pixel tile: padded to 16x32, cropped
+    assert odd.shape == (2, 12, 20, 1) and np.isfinite(odd).all()
     assert not np.allclose(draw(0.5, (16, 16, 1)), draw(0.0, (16, 16, 1)))
 
 

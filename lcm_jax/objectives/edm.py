@@ -215,6 +215,12 @@ class EDMObjective:
             metrics.update({f"loss_brick{k}": l for k, l in enumerate(per_brick)})
         return loss, (metrics, state.stats)
 
+    def canvas_multiple(self) -> int:
+        """What a canvas's sides must be multiples of: every brick's tile (LEGO), the patch (DiT)."""
+        if self.stack is not None:
+            return lego.max_tile(self.stack)
+        return getattr(self.network.denoiser.module, "patch_size", 1)
+
     def denoise_fn(self, params, labels, guidance_scale: float, num_bricks: int | None = None):
         """D(x, sigma) under classifier-free guidance (one batched call of 2B)."""
         kwargs = {} if num_bricks is None else {"num_bricks": num_bricks}
@@ -229,8 +235,15 @@ class EDMObjective:
         """Heun samples (unclipped; latents for a latent model) for `labels` on a canvas `shape`
         (H, W, C; default the training one), skipping the top brick for the share
         `sample_config.t_break` of the steps; with `sample_config.s_churn` > 0 EDM's stochastic
-        sampler (s_min, s_max, s_noise: `edm.Churn`)."""
-        shape = tuple(shape or self.image_shape)
+        sampler (s_min, s_max, s_noise: `edm.Churn`). A canvas whose sides are not multiples of
+        every tile (a DiT's patch) is sampled padded up to the next multiple and center-cropped."""
+        h, w, c = shape = tuple(shape or self.image_shape)
+        m = self.canvas_multiple()
+        padded = (-(-h // m) * m, -(-w // m) * m, c)
+        if padded != shape:
+            top, left = (padded[0] - h) // 2, (padded[1] - w) // 2
+            x = self.sample(params, rng, labels, sample_config, padded)
+            return x[:, top:top + h, left:left + w]
         n = sample_config.num_steps
         sigmas = edm.karras_sigmas(n, sample_config.get("sigma_min", edm.SIGMA_MIN),
                                    sample_config.get("sigma_max", edm.SIGMA_MAX))
