@@ -180,7 +180,7 @@ def _fid_run(config, workdir, steps, num, weights, inception, ref_stats, guidanc
     if not inception:
         raise errors.UserError(f"objective={config.objective!r} (trained from scratch) is scored with "
                                "class-balanced FID: give --inception and --ref_stats.")
-    objective = objectives.build(config, workdir, None)
+    objective = export.build_objective(config, workdir)
     params, step = export.restore_params(config, workdir, objective, weights)
     guidance = config.eval.guidance_scale if guidance is None else guidance
     num = num or config.eval.num_samples

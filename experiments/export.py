@@ -51,12 +51,15 @@ def spec(config) -> objectives.Export:
 
 
 def build_objective(config, workdir: str):
-    """The run's objective, without training anything: a digits chain must be finished."""
+    """Any run's objective, without training anything: a digits chain must be finished; a model
+    trained from scratch (no EXPORT) is built from config.data's shape, reading no data."""
     import jax
 
     from lcm_jax import data
 
-    export = spec(config)
+    export = objectives.module(config.objective).EXPORT
+    if export is None:
+        return objectives.build(config, workdir, None)
     chain = None if config.model.get("pretrained") else export.chain(config, workdir)
     if chain:
         missing = [s for s in ("vae", "teacher") if not (paths.path(chain) / s / "DONE").exists()]
@@ -184,6 +187,7 @@ def export_network(model_config, net, params, latent_shape, out: str, scheduler:
 def export(workdir: str, out: str, weights: str = "ema", config=None) -> dict:
     """Writes DIR for the run in `workdir`; returns what was written (kind, step, paths)."""
     config = config or load_config(workdir)
+    spec(config)  # an exportable objective, before anything is built
     objective = build_objective(config, workdir)
     params, step = restore_params(config, workdir, objective, weights)
     paths.path(out).mkdir(parents=True, exist_ok=True)

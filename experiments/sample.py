@@ -80,17 +80,13 @@ def from_workdir(a):
     import jax.numpy as jnp
 
     from experiments import export
-    from lcm_jax import objectives
 
     config = export.load_config(a.workdir)
     for flag in ("lora", "prompt", "prompts", "negative"):
         if getattr(a, flag):
             raise errors.UserError(f"--{flag} is for --model folders; a run samples its own "
                                    "conditions (its classes or config.sample.prompts).")
-    if objectives.module(config.objective).EXPORT is None:  # trained from scratch here
-        objective = objectives.build(config, a.workdir, None)
-    else:
-        objective = export.build_objective(config, a.workdir)
+    objective = export.build_objective(config, a.workdir)
     params, _ = export.restore_params(config, a.workdir, objective, a.weights)
     sc = config.sample.copy_and_resolve_references()
     with sc.unlocked():

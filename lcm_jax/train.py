@@ -170,8 +170,7 @@ def leaves(tree) -> dict:
     """{'params/blocks_0/attn/kernel': leaf} for a TrainState, its abstract shape or orbax's
     metadata of it (dataclass fields, dict keys and sequence indices all become names)."""
     tree = flax.serialization.to_state_dict(tree)
-    name = lambda key: str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
-    return {"/".join(map(name, path)): leaf
+    return {common.param_path(path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

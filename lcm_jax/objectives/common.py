@@ -104,15 +104,8 @@ def checked_lr_scales(lr_scales) -> dict[str, float]:
 
 def param_path(keypath) -> str:
     """A jax key path as "a/b/c" (dict keys, attribute names, sequence indices)."""
-    parts = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+    return "/".join(map(name, keypath))
 
 
 def lr_groups(substrings: tuple, tree):
