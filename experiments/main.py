@@ -6,7 +6,8 @@ r"""Train any objective from an ml_collections config.
 Every field takes `--config.FIELD=VALUE`, VALUE a Python literal (lcm_jax/config_loading.py).
 
 The workdir holds checkpoints (a rerun resumes from them), metrics.jsonl, TensorBoard files,
-W&B offline runs, sample grids and, for digits, results.json.
+W&B offline runs, sample grids and, for digits, results.json. `--resume_from wandb:ENTITY/PROJECT/RUN`
+starts an empty workdir from a W&B run's checkpoint artifact (`--config.wandb.log_checkpoints=True`).
 """
 import json
 import logging
@@ -19,6 +20,10 @@ from lcm_jax import config_loading, errors
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Experiment config file, e.g. configs/digits_lcd.py[:tiny].")
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and results go here; reruns resume.")
+flags.DEFINE_string("resume_from", None,
+                    "Start WORKDIR from another machine's checkpoint: wandb:ENTITY/PROJECT/RUNID (a run "
+                    "that logged wandb.log_checkpoints) or a downloaded artifact folder "
+                    "(lcm_jax/resume.py). A rerun with the same flag resumes from WORKDIR's own.")
 flags.mark_flags_as_required(["config", "workdir"])
 OVERRIDES: list[str] = []  # the --config.a.b=VALUE arguments (lcm_jax.config_loading)
 
@@ -36,6 +41,13 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = config_loading.load(FLAGS.config, OVERRIDES)
+    if FLAGS.resume_from:
+        from lcm_jax import resume
+
+        step = resume.prepare(FLAGS.resume_from, FLAGS.workdir)
+        if step is not None:
+            logging.info("Fetched the step %d checkpoint of %s into %s.", step, FLAGS.resume_from,
+                         FLAGS.workdir)
     results = train_and_evaluate(config, FLAGS.workdir)
     if results:
         print(json.dumps(results, indent=2))

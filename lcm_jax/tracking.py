@@ -5,6 +5,11 @@ group).
 Offline by default: runs land in W/wandb/offline-run-*; `wandb sync W/wandb/offline-run-*` uploads
 them (a resumed workdir has several, one W&B run id). The WANDB_MODE environment variable, when set,
 wins over config.wandb.mode (`WANDB_MODE=disabled` turns tracking off everywhere).
+
+`wandb.log_checkpoints=True` logs every checkpoint as the artifact `checkpoint-RUNID` (aliases
+`latest` and `step-N`; files checkpoints/N/, config.json, wandb_run_id), so that another machine
+resumes the run with `experiments/main.py --resume_from wandb:ENTITY/PROJECT/RUNID`
+(lcm_jax/resume.py).
 """
 import os
 
@@ -18,7 +23,8 @@ MODES = ("online", "offline", "disabled")
 def default_config(tags=()) -> ml_collections.ConfigDict:
     """config.wandb: empty group / name / job_type are filled in from the workdir and objective."""
     return ml_collections.ConfigDict(dict(project="lcm_jax", entity="", mode="offline",
-                                          tags=tuple(tags), group="", name="", job_type=""))
+                                          tags=tuple(tags), group="", name="", job_type="",
+                                          log_checkpoints=False))
 
 
 def mode(config) -> str:
@@ -52,6 +58,35 @@ def start(config, workdir: str, primary: bool = True):
                       dir=paths.local_dir(workdir, "wandb"), config=flat_config(config.to_dict()), tags=list(w.get("tags", ())),
                       group=group, job_type=job_type, name=name, id=run_id(workdir),
                       resume="allow", settings=wandb.Settings(quiet=True))
+
+
+ARTIFACT_TYPE = "checkpoint"
+
+
+def artifact_name(run_id: str) -> str:
+    return f"checkpoint-{run_id}"
+
+
+def log_checkpoint(run, workdir, step: int, checkpoint_dir) -> None:
+    """W/checkpoints/STEP (on disk: the caller waited for the save), W/config.json and
+    W/wandb_run_id as one version of the run's checkpoint artifact."""
+    import wandb
+
+    artifact = wandb.Artifact(artifact_name(run.id), type=ARTIFACT_TYPE, metadata={"step": step})
+    artifact.add_dir(str(checkpoint_dir), name=f"checkpoints/{step}")
+    for name in ("config.json", "wandb_run_id"):
+        if (paths.path(workdir) / name).exists():
+            artifact.add_file(str(paths.path(workdir) / name), name=name)
+    run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
+
+
+def download_checkpoint(entity: str, project: str, run_id: str, root: str) -> str:
+    """The newest checkpoint artifact of a W&B run, downloaded into `root`; returns `root`."""
+    import wandb
+
+    artifact = wandb.Api().artifact(f"{entity}/{project}/{artifact_name(run_id)}:latest",
+                                    type=ARTIFACT_TYPE)
+    return artifact.download(root=root)
 
 
 def group_name(workdir: str) -> str:

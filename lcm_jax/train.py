@@ -212,6 +212,7 @@ class Writers:
                                                         just_logging=not self.primary,
                                                         asynchronous=False)
         self.wandb = tracking.start(config, workdir, self.primary)
+        self.logs_checkpoints = bool(self.wandb) and config.wandb.get("log_checkpoints", False)
 
     def scalars(self, step: int, metrics: dict) -> None:
         self.clu.write_scalars(step, metrics)
@@ -237,6 +238,9 @@ class Writers:
         self.scalars(step, {f"eval/{k}": v for k, v in _flatten(results).items()})
         if self.wandb:
             self.wandb.log({"eval_table": tracking.results_table(results)}, step=step)
+
+    def checkpoint(self, step: int, workdir, checkpoint_dir) -> None:
+        tracking.log_checkpoint(self.wandb, workdir, step, checkpoint_dir)
 
     def summary(self, **values) -> None:
         if self.wandb:
@@ -407,6 +411,9 @@ def run(config, workdir: str, objective, pipeline, *, evaluate: Callable | None 
                                   gather_data_states(pipeline.get_state()))
                 last_saved = step
                 writers.summary(checkpoint=str(checkpointer.path(step)), checkpoint_step=step)
+                if writers.logs_checkpoints:
+                    checkpointer.wait()  # the artifact copies the files: they must be written
+                    writers.checkpoint(step, workdir, checkpointer.path(step))
             if step % config.sample.every_steps == 0 or is_last:
                 ema = program.host_state(state).ema_params
                 images = sample(ema, program.sample_frozen,

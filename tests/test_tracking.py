@@ -1,8 +1,10 @@
 """W&B: what a run leaves in its offline run directory (config, metrics, sample grids, the eval
-table, the checkpoint path, group), and a resumed workdir continuing the same W&B run."""
+table, the checkpoint path and artifact, group), a resumed workdir continuing the same W&B run,
+and another workdir resuming from the logged artifact (`--resume_from`) exactly."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from lcm_jax import tracking
@@ -38,16 +40,20 @@ def test_environment_wins_over_the_config(monkeypatch):
 def test_offline_run_holds_everything_and_resumes(tmp_path, monkeypatch):
     from lcm_jax import train
 
+    from lcm_jax import resume
+
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))  # offline artifact copies
     config = tiny_run.tiny_config()
-    config.wandb.update(mode="offline", tags=("test",))
+    config.wandb.update(mode="offline", tags=("test",), log_checkpoints=True)
     config.total_steps, config.log_every_steps = 2, 1
-    config.sample.every_steps = 2
+    config.sample.every_steps = config.checkpoint.every_steps = 2
     workdir = str(tmp_path / "run")
     objective, pipeline = tiny_run.build(config)
     train.run(config, workdir, objective, pipeline, evaluate=lambda step, params, frozen: TABLE)
     config.total_steps = 4  # the same workdir, longer: resumes from step 2
-    train.run(config, workdir, objective, pipeline, evaluate=lambda step, params, frozen: TABLE)
+    continued = train.run(config, workdir, objective, pipeline,
+                          evaluate=lambda step, params, frozen: TABLE)
 
     first, second = wandb_records.read_runs(workdir)
     assert first["id"] == second["id"] == open(os.path.join(workdir, "wandb_run_id")).read()
@@ -76,6 +82,24 @@ def test_offline_run_holds_everything_and_resumes(tmp_path, monkeypatch):
     table = json.load(open(table))
     assert table["columns"] == ["name", "steps", "fd", "acc"]
     assert table["data"] == [["lcm", 1, 3.0, 0.5], ["lcm", 4, 2.0, 0.75], ["teacher_ddim50", None, 1.0, 0.9]]
+
+    # Each checkpoint is a version of the run's artifact; a new machine resumes from it exactly.
+    checkpoints = lambda run: [a for a in run["artifacts"] if a["type"] == "checkpoint"]
+    (artifact,) = checkpoints(first)
+    assert (artifact["type"], artifact["name"], artifact["aliases"], artifact["metadata"]) == (
+        "checkpoint", f"checkpoint-{first['id']}", ["latest", "step-2"], {"step": 2})
+    assert {"config.json", "wandb_run_id"} < set(artifact["files"])
+    assert [a["aliases"] for a in checkpoints(second)] == [["latest", "step-4"]]
+    downloaded = wandb_records.artifact_folder(artifact, str(tmp_path / "artifact"))
+    elsewhere = str(tmp_path / "elsewhere")
+    assert resume.prepare(downloaded, elsewhere) == 2
+    assert open(os.path.join(elsewhere, "wandb_run_id")).read() == first["id"]  # the same W&B run
+    pipeline = tiny_run.build(config)[1]  # a fresh pipeline: its position comes from the checkpoint
+    resumed = train.run(config, elsewhere, objective, pipeline)
+    ours, ref = tiny_run.flat_params(resumed), tiny_run.flat_params(continued)
+    for k in ref:
+        np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
+    assert resume.prepare(downloaded, elsewhere) is None  # the same command again: nothing to do
 
 
 def test_a_study_table_is_a_summary_run_in_the_study_group(tmp_path, monkeypatch):

@@ -46,9 +46,10 @@ def _log_records(path: str, pb):
 
 
 def read_run(run_dir: str) -> dict:
-    """One offline run directory -> {id, group, job_type, name, config, history, summary, files}."""
+    """One offline run directory -> {id, group, job_type, name, config, history, summary, files,
+    artifacts}; an artifact is {type, name, aliases, metadata, files: {path: local staged copy}}."""
     (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    run = {"history": [], "summary": {}, "files": []}
+    run = {"history": [], "summary": {}, "files": [], "artifacts": []}
     for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -63,7 +64,23 @@ def read_run(run_dir: str) -> dict:
                 run["summary"]["/".join(u.nested_key) or u.key] = json.loads(u.value_json)
         elif kind == "files":
             run["files"] += [f.path for f in record.files.files]
+        elif kind == "artifact":
+            a = record.artifact
+            run["artifacts"].append(dict(type=a.type, name=a.name, aliases=sorted(a.aliases),
+                                         metadata=json.loads(a.metadata or "{}"),
+                                         files={c.path: c.local_path for c in a.manifest.contents}))
     return run
+
+
+def artifact_folder(artifact: dict, root: str) -> str:
+    """An offline artifact's files laid out under `root` as `wandb artifact get` downloads them
+    (offline, wandb keeps a staged copy of each file until `wandb sync`)."""
+    import shutil
+
+    for name, staged in artifact["files"].items():
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        shutil.copyfile(staged, os.path.join(root, name))
+    return root
 
 
 def read_runs(workdir: str) -> list[dict]:
