@@ -7,6 +7,9 @@ results file, one table format. Scripts run from the repository root as `python 
               the objective from the registry (main.py trains every config this way).
   ResultsFile OUT/results.json, rewritten atomically after every entry; a rerun skips entries
               already marked done.
+  in_study    a study's run config: tracked in W&B (config.wandb.mode, offline by default;
+              WANDB_MODE wins) as run OUT-NAME in the group named after OUT; the study's
+              table then goes to a `summary` run of that group (tracking.log_results).
 """
 from __future__ import annotations
 
@@ -51,6 +54,15 @@ def build_run(config, workdir: str, pipeline=None):
                                       process_count=jax.process_count())
     paths.path(workdir).mkdir(parents=True, exist_ok=True)
     return objectives.build(config, workdir, pipeline), pipeline
+
+
+def in_study(config, out: str, name: str):
+    """`config`, tracked as the run `NAME` of the study in OUT (one W&B group per study)."""
+    from lcm_jax import tracking
+
+    group = tracking.group_name(out)
+    config.wandb.update(group=group, name=f"{group}-{name}")
+    return config
 
 
 class ResultsFile:

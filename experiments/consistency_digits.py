@@ -33,7 +33,6 @@ def run_config(overrides, steps: int, arg: str = ""):
     config.total_steps = steps
     config.checkpoint.update(every_steps=steps, keep=1)
     config.sample.every_steps = steps
-    config.wandb.mode = "disabled"
     return _harness.configure(config, overrides)
 
 
@@ -83,11 +82,10 @@ def main():
     parser.add_argument("--gammas", default="0,0.3,0.5,1")
     parser.add_argument("--seeds", default="0")
     args = parser.parse_args()
-    os.environ.setdefault("WANDB_MODE", "disabled")
 
     import jax
 
-    from lcm_jax import config_checks, objectives, train
+    from lcm_jax import config_checks, objectives, tracking, train
     from lcm_jax.objectives import consistency
 
     base, pipeline, teacher, evaluator = load_chain(args.workdir)
@@ -115,7 +113,7 @@ def main():
         name, overrides = _harness.split_run(text)
         if results.done(name):
             continue
-        config = run_config(overrides, args.steps)
+        config = _harness.in_study(run_config(overrides, args.steps), args.out, name)
         config_checks.validate(config)
         strategy = objectives.module(config.objective).STRATEGY  # lcd, tcd, lcf
         objective = consistency.ConsistencyObjective(config, teacher, strategy)
@@ -143,6 +141,7 @@ def main():
         evaluate(args.steps, final.ema_params, jax.device_put(objective.frozen), final=True)
         results.finish(name)
     print(tables(results.data))
+    tracking.log_results(run_config([], args.steps), args.out, "results", results.data)
 
 
 def tables(results: dict) -> str:

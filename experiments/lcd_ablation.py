@@ -34,7 +34,6 @@ def main(argv=None):
     # --config.FIELD=VALUE (main.py's syntax), pinned for every cell: 'FIELD=VALUE' items.
     argv, pinned = config_loading.split_argv(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
-    os.environ.setdefault("WANDB_MODE", "disabled")
 
     import jax
 
@@ -49,9 +48,9 @@ def main(argv=None):
             cell = f"k{k}_{solver}"
             if results.done(cell):
                 continue
-            config = study.run_config(pinned + [
+            config = _harness.in_study(study.run_config(pinned + [
                 f"lcd.num_ddim_timesteps={base.diffusion.num_train_timesteps // k}",
-                f"lcd.solver={solver}", f"wandb.group={args.out.rstrip('/')}"], args.steps)
+                f"lcd.solver={solver}"], args.steps), args.out, cell)
             config_checks.validate(config)
             strategy = objectives.module(config.objective).STRATEGY  # lcd (tcd if pinned)
             objective = consistency.ConsistencyObjective(config, teacher, strategy)

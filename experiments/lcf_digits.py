@@ -63,7 +63,6 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config override, e.g. lcd.target=online, optimizer.decay=constant")
     args = parser.parse_args()
-    os.environ.setdefault("WANDB_MODE", "disabled")
 
     import jax
     import ml_collections
@@ -82,7 +81,6 @@ def main():
     config.total_steps = args.steps
     config.checkpoint.update(every_steps=args.steps, keep=1)
     config.sample.every_steps = args.steps
-    config.wandb.mode = "disabled"
     overrides = list(args.set)
     if args.k_schedule:
         overrides += ["lcf.k_schedule=doubling", f"lcf.n_start={args.n_start}"]
@@ -90,6 +88,7 @@ def main():
         config = _harness.configure(config, overrides)
     if args.eval_every:
         config.eval.every_steps = args.eval_every
+    config = _harness.in_study(config, args.out, "run")
 
     ordinary = digits_metrics.DigitsEvaluator(16, 1)
     shifted = digits_metrics.DigitsEvaluator(16, 1, reference_split="test")  # seen through -x
@@ -133,6 +132,9 @@ def main():
                       evaluate=evaluate if args.eval_every else None)
     results.set("after", scores(final.ema_params))
     print(table(results.data))
+    from lcm_jax import tracking
+
+    tracking.log_results(config, args.out, "results", results.data)
 
 
 def table(results: dict) -> str:

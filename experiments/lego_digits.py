@@ -29,8 +29,8 @@ def build(name: str, workdir: str, total_steps: int | None = None):
     """(config, objective, pipeline) of configs/digits_lego.py:NAME, as main.py builds a run."""
     from configs import digits_lego
 
-    config = digits_lego.get_config(name.replace("_", ",") + TINY)
-    config.wandb.mode = "disabled"
+    config = _harness.in_study(digits_lego.get_config(name.replace("_", ",") + TINY),
+                               os.path.dirname(workdir), os.path.basename(workdir))
     if total_steps:
         config.total_steps = total_steps
     objective, pipeline = _harness.build_run(config, workdir)
@@ -122,7 +122,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     global TINY
     TINY = ",tiny" if args.tiny else ""
-    os.environ.setdefault("WANDB_MODE", "disabled")
 
     import jax
 
@@ -161,6 +160,9 @@ def main(argv=None):
         entry["canvases"] = canvases(objective, params, config.eval, args.out, name)
         results.set(name, entry)
     print(tables(results.data, t_breaks))
+    from lcm_jax import tracking
+
+    tracking.log_results(config, args.out, "results", results.data)
     return results.data
 
 

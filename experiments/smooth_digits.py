@@ -104,7 +104,6 @@ def main():
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--nti", type=int, default=50)
     args = parser.parse_args()
-    os.environ.setdefault("WANDB_MODE", "disabled")
 
     import jax
     import numpy as np
@@ -118,13 +117,13 @@ def main():
     config = digits_smooth.get_config()
     config.smooth.teacher_workdir = args.teacher_workdir
     config.total_steps = args.steps
-    config.wandb.mode = "disabled"
     config_checks.validate(config)
     lambdas = [float(x) for x in args.lambdas.split(",") if x]
     full = [float(x) for x in args.full_lambdas.split(",") if x]
     runs = [(f"lambda_{lam}", run_config(config, lam), run_dir(args.out, lam)) for lam in lambdas]
     runs += [(f"full_lambda_{lam}", run_config(config, lam, args.full_lr), run_dir(args.out, lam, True))
              for lam in full]
+    runs = [(name, _harness.in_study(c, args.out, name), workdir) for name, c, workdir in runs]
     for _, c, workdir in runs:
         train(c, workdir)
 
@@ -157,6 +156,9 @@ def main():
     if "base" in strips:
         save_strip(os.path.join(args.out, "strip.png"), strips["base"], strips.get("lambda_1.0"), args.pairs)
     print(tables(results.data))
+    from lcm_jax import tracking
+
+    tracking.log_results(config, args.out, "results", results.data)
 
 
 def save_strip(path: str, base, smooth, pairs: int, classes=(0, 3, 5, 8)) -> None:

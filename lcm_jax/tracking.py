@@ -133,7 +133,10 @@ def results_table(results: dict):
 def log_results(config, directory: str, name: str, results: dict) -> None:
     """A study's table (e.g. experiments/lcd_ablation.py) as its own run in the study's group."""
     summary = ml_collections.ConfigDict(config.to_dict())
-    summary.wandb.update(group=summary.wandb.get("group") or group_name(directory), job_type="summary")
+    summary.wandb.update(group=summary.wandb.get("group") or group_name(directory), job_type="summary",
+                         name="")
+    if mode(summary) == "disabled":
+        return
     (paths.path(directory) / "summary").mkdir(parents=True, exist_ok=True)
     run = start(summary, f"{directory.rstrip('/')}/summary")
     if run is not None:

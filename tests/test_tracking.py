@@ -110,3 +110,11 @@ def test_a_study_table_is_a_summary_run_in_the_study_group(tmp_path, monkeypatch
     (run,) = wandb_records.read_runs(str(tmp_path / "summary"))
     assert (run["group"], run["job_type"], run["name"]) == (tmp_path.name, "summary", f"{tmp_path.name}-summary")
     assert any(f.startswith("media/table/ablation_") for f in run["files"])
+
+
+def test_a_study_run_is_named_in_its_study_group():
+    """experiments/*_digits.py: one W&B group per study (OUT's name), one run per variant."""
+    from experiments import _harness
+
+    config = _harness.in_study(tiny_run.tiny_config(), "/data/workdirs/cd_study/", "tcd")
+    assert (config.wandb.group, config.wandb.name) == ("cd_study", "cd_study-tcd")
