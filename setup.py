@@ -16,7 +16,10 @@ setup(
         "ml-collections",
         "clu",
         "wandb",
-        "tensorflow-cpu",  # clu metric writers and tensorflow-datasets need it
+        # TensorFlow (for clu's TensorBoard writer and tfds's tf.data reading) is the [tf] extra,
+        # so that an installed `tensorflow` (Colab's, a GPU build) satisfies it: pip's
+        # "tensorflow-cpu" would install a second TensorFlow over it. Without either, runs skip
+        # the TensorBoard files and tfds data is refused with the fix (lcm_jax/colab.py).
         "tensorboard",
         "tensorflow-datasets",
         "importlib_resources",  # tfds needs it for builders inside packages; not always pulled in
@@ -28,9 +31,10 @@ setup(
         "tqdm",
     ],
     extras_require={
+        "tf": ["tensorflow-cpu"],
         # torch + diffusers are test-time references only: lcm_jax never imports them.
         # nbclient + ipykernel + matplotlib run notebooks/ in the tests; scikit-image checks SSIM.
-        "dev": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "peft", "nbclient",
+        "dev": ["tensorflow-cpu", "pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "peft", "nbclient",
                 "nbformat", "ipykernel", "matplotlib", "scikit-image", "filelock"],
     },
 )

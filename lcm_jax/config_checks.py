@@ -13,6 +13,7 @@ the models theirs (`models.checks`), with the rules of `config_rules`.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -216,6 +217,9 @@ def _paths(config, process_count: int):
     if name not in ("folder", "webdataset"):
         if name == "tfds" and not get(config, "data.tfds_name", None):
             yield "config.data.tfds_name is missing; name a tfds dataset, e.g. 'mnist'."
+        if name == "tfds" and importlib.util.find_spec("tensorflow") is None:
+            yield ("config.data.name='tfds' reads through TensorFlow, which is not installed; "
+                   "pip install -e \".[tf]\" (or any tensorflow).")
         return
     what = ("a folder of images" if name == "folder"
             else "the .tar shards ('/data/{00000..00099}.tar')")

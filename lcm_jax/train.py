@@ -206,16 +206,13 @@ class Writers:
     def __init__(self, config, workdir: str):
         self.primary = jax.process_index() == 0
         self.jsonl = paths.LineLog(paths.path(workdir) / "metrics.jsonl") if self.primary else None
-        from clu import metric_writers
-
-        self.clu = metric_writers.create_default_writer(str(paths.path(workdir)),
-                                                        just_logging=not self.primary,
-                                                        asynchronous=False)
+        self.clu = _metric_writer(workdir, self.primary)
         self.wandb = tracking.start(config, workdir, self.primary)
         self.logs_checkpoints = bool(self.wandb) and config.wandb.get("log_checkpoints", False)
 
     def scalars(self, step: int, metrics: dict) -> None:
-        self.clu.write_scalars(step, metrics)
+        if self.clu:
+            self.clu.write_scalars(step, metrics)
         if self.jsonl:
             self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb:
@@ -247,11 +244,26 @@ class Writers:
             self.wandb.summary.update(values)
 
     def close(self) -> None:
-        self.clu.flush()
+        if self.clu:
+            self.clu.flush()
         if self.jsonl:
             self.jsonl.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def _metric_writer(workdir: str, primary: bool):
+    """clu's default writer (log lines + TensorBoard files), or None without TensorFlow (clu's
+    writers import it; `pip install -e ".[tf]"` adds it): metrics.jsonl and W&B still record all."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        log.warning("TensorFlow is not installed: no TensorBoard files (pip install -e \".[tf]\").")
+        return None
+    from clu import metric_writers
+
+    return metric_writers.create_default_writer(str(paths.path(workdir)), just_logging=not primary,
+                                                asynchronous=False)
 
 
 def image_grid(images: np.ndarray, columns: int = 10) -> np.ndarray:
