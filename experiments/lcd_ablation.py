@@ -8,7 +8,7 @@ Reuses the VAE and latent teacher of a finished configs/digits_lcd.py run (W/vae
 are trained first if missing), then distils one student per cell for the same number of steps
 (k = T / num_ddim_timesteps: k = 1 is N = 1000 grid points, k = 50 is N = 20) and scores LCM
 sampling at 2 and 4 steps (500 samples, FD-digits and accuracy) at eval.guidance_scale. `--config.FIELD=VALUE`
-pins config fields for every cell (the README's table pins the recipe it was made with). Cells
+pins config fields for every cell (docs/lcd.md's table pins the recipe it was made with). Cells
 already in OUT/ablation.json are skipped, so an interrupted run continues. Prints a markdown table.
 `--config.wandb.mode=offline` (or online) tracks every cell in W&B, grouped by OUT, and logs the table
 as a wandb.Table in a summary run of the same group.
