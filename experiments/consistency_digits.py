@@ -12,12 +12,16 @@ those dotted overrides (values parsed as Python literals), for `--steps` steps, 
 every `--eval_every` steps and at the end: FD-digits and accuracy of 500 class-conditional
 samples at 1 / 2 / 4 / 8 steps, per guidance g (the student embeds w = g - 1), with the LCM
 sampler and, for TCD students, TCD's sampler at each gamma. `--seeds` repeats the final
-evaluation with other sampling seeds (the evaluation noise). `--teacher` scores the teacher's
+evaluation with other sampling seeds (the evaluation noise). Runs named NAME_s0, NAME_s1, ... with
+`seed=K` are replicates: with `--seeds 0,1,2` each is also read at sampling seed K, and the table
+"mean ± std" pools them (both seeds vary together). `--teacher` scores the teacher's
 DDIM-50 instead. Results go to OUT/results.json (finished runs are skipped on a rerun) and print
 as markdown tables.
 """
 import argparse
 import os
+import re
+import statistics
 
 from experiments import _harness
 
@@ -140,15 +144,62 @@ def main():
         final = train.run(config, os.path.join(args.out, name), objective, pipeline, evaluate=evaluate)
         evaluate(args.steps, final.ema_params, jax.device_put(objective.frozen), final=True)
         results.finish(name)
+    results.set("seed_summary", seed_summary(results.data))
     print(tables(results.data))
     tracking.log_results(run_config([], args.steps), args.out, "results", results.data)
+
+
+SEEDED = re.compile(r"^(.+)_s(\d+)$")  # NAME_sK: trained with seed=K, read at sampling seed K
+
+
+def seed_summary(results: dict) -> dict:
+    """Over the finished runs NAME_s0, NAME_s1, ... (training seed K, each read at sampling seed
+    K): per NAME, sampler / guidance and step count, the mean and std (ddof 1) of FD-digits and
+    accuracy, and the seeds used."""
+    pooled = {}
+    for name, record in results.items():
+        match = SEEDED.match(name)
+        if not match or not isinstance(record, dict) or record.get("done") is not True:
+            continue
+        seed = int(match.group(2))
+        for key, cell in record.get(str(record["steps"]), {}).items():
+            label, _, at = key.rpartition("/seed")
+            if int(at) == seed:
+                for n, metrics in cell.items():
+                    pooled.setdefault(match.group(1), {}).setdefault(label, {}).setdefault(
+                        n, []).append((seed, metrics))
+    summary = {}
+    for group, labels in pooled.items():
+        for label, steps in labels.items():
+            for n, runs in steps.items():
+                fd, acc = [m["fd"] for _, m in runs], [m["acc"] for _, m in runs]
+                spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+                summary.setdefault(group, {}).setdefault(label, {})[n] = dict(
+                    seeds=sorted(s for s, _ in runs), fd_mean=round(statistics.mean(fd), 4),
+                    fd_std=round(spread(fd), 4), acc_mean=round(statistics.mean(acc), 4),
+                    acc_std=round(spread(acc), 4))
+    return summary
+
+
+def seed_table(summary: dict) -> str:
+    """'FD mean ± std (accuracy mean ± std)' per run group and sampler / guidance."""
+    cell = lambda c: (f"{c['fd_mean']:.2f} ± {c['fd_std']:.2f} "
+                      f"({c['acc_mean']:.1%} ± {c['acc_std']:.1%})") if c else "-"
+    rows = [[f"{group} {label}", len(next(iter(steps.values()))["seeds"]),
+             *(cell(steps.get(str(n))) for n in STEPS)]
+            for group, labels in summary.items() for label, steps in labels.items()]
+    return _harness.markdown_table(["run / sampler / guidance", "seeds",
+                                    *(f"{n} steps" for n in STEPS)], rows)
 
 
 def tables(results: dict) -> str:
     lines = [f"teacher DDIM-50 {g_seed}: FD {_harness.fd_cell(row)}"
              for g_seed, row in sorted(results.get("teacher_ddim50", {}).items())]
+    if results.get("seed_summary"):
+        lines += ["\nmean ± std over training seed K read at sampling seed K",
+                  seed_table(results["seed_summary"])]
     for name, record in results.items():
-        if name == "teacher_ddim50":
+        if name in ("teacher_ddim50", "seed_summary"):
             continue
         rows = [[step, key, *(_harness.fd_cell(cell[str(n)]) for n in STEPS)]
                 for step, cells in record.items() if step.isdigit() for key, cell in cells.items()]

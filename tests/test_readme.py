@@ -48,3 +48,44 @@ def test_one_repository_url_for_setup_readme_and_every_notebook():
         setup = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
         assert f'REPOSITORY, REF = "{url}", ' in setup and "git clone -q {REPOSITORY}" in setup, name
         assert f"{colab}/blob/main/notebooks/{name}" in badges, name
+
+
+NUMBERS = re.compile(r"<!-- numbers: (\S+) -->")
+TOKEN = re.compile(r"\d[\d,]*(?:\.\d+)?%?")
+SCALES = (1, 100, 1e-6, 1e-9, 1e-12)  # as stored, percent, M / G / T (FLOPs)
+
+
+def _stored_numbers(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _stored_numbers(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _stored_numbers(v)]
+    return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+def _written_as(token: str, value: float) -> bool:
+    digits = token.rstrip("%").replace(",", "")
+    decimals = len(digits.partition(".")[2])
+    scales = (100,) if token.endswith("%") else SCALES
+    return any(f"{value * s:.{decimals}f}" == digits for s in scales)
+
+
+def test_result_rows_are_the_numbers_in_their_results_files():
+    """A table row marked `<!-- numbers: PATH -->` (README.md, docs/*.md; PATH relative to the
+    page) shows only numbers that its results file holds, at the precision shown: figures are
+    copied from what a run wrote, not typed in."""
+    pages = [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(ROOT, "docs", n) for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md"))
+    import json
+
+    checked = 0
+    for page in pages:
+        for line in open(page):
+            match = NUMBERS.search(line)
+            if not (match and line.startswith("|")):
+                continue
+            stored = _stored_numbers(json.load(open(os.path.join(os.path.dirname(page), match.group(1)))))
+            for token in TOKEN.findall("|".join(line.split("|")[2:])):
+                assert any(_written_as(token, x) for x in stored), (page, match.group(1), token, line)
+            checked += 1
+    assert checked >= 3
