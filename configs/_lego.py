@@ -30,14 +30,16 @@ def edm_config(model: dict, data: dict, *, total_steps: int, batch_size: int, lr
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
     c.sample = ml_collections.ConfigDict(dict(
         every_steps=1000, sampler="heun", num_steps=num_steps, guidance_scale=guidance_scale,
-        num_images=40, t_break=0.0, **CHURN))
+        num_images=40, t_break=0.0, shifted_tiles=False, **CHURN))
     c.eval = ml_collections.ConfigDict(dict(
         sampler="heun", num_steps=num_steps, guidance_scale=guidance_scale, num_samples=500,
-        batch_size=250, t_break=0.0, **CHURN))
+        batch_size=250, t_break=0.0, shifted_tiles=False, **CHURN))
     c.wandb = tracking.default_config(tags)
     return c
 
 
+# shifted_tiles: on canvases above the training size, move LEGO's tile grid by half a tile every
+# other noise level (objectives/edm.py: shifted_tiling) so tiles are not independent images.
 # EDM's sampler: s_churn 0 is deterministic Heun (Algorithm 1); EDM's stochastic ImageNet-64
 # setting (Algorithm 2) is s_churn=40, s_min=0.05, s_max=50, s_noise=1.003 (s_max None: no bound).
 CHURN = dict(s_churn=0.0, s_min=0.0, s_max=None, s_noise=1.0)

@@ -79,7 +79,8 @@ def timed_evaluation(objective, params, eval_config, evaluator, seed, repeats):
 
 
 def canvases(objective, params, eval_config, out: str, name: str):
-    """Class-conditional grids on canvases 2x wider and 2x larger than the training one."""
+    """Class-conditional grids on canvases 2x wider and 2x larger than the training one, and for
+    LEGO a 3x-wide panorama per class, sampled with fixed and with shifted tiles from one noise."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -95,6 +96,18 @@ def canvases(objective, params, eval_config, out: str, name: str):
             params, jax.random.PRNGKey(7))
         grid = train.image_grid(np.asarray(images), columns=10)
         path = os.path.join(out, f"canvas_{name}_{shape[0]}x{shape[1]}.png")
+        Image.fromarray(grid.squeeze(-1)).resize((grid.shape[1] * 3, grid.shape[0] * 3),
+                                                 Image.NEAREST).save(path)
+        paths.append(path)
+    if objective.stack is not None:  # a 1x3 panorama, tiles fixed vs shifted every other level
+        labels = jnp.arange(10, dtype=jnp.int32) % objective.null_class
+        shifted = eval_config.copy_and_resolve_references()
+        shifted.shifted_tiles = True
+        draw = lambda sc: np.asarray(jax.jit(lambda p, rng: objective.sample(
+            p, rng, labels, sc, shape=(h, 3 * w, c)))(params, jax.random.PRNGKey(7)))
+        pairs = np.stack([draw(eval_config), draw(shifted)], axis=1).reshape((-1, h, 3 * w, c))
+        grid = train.image_grid(pairs, columns=2)  # per class: fixed tiles | shifted tiles
+        path = os.path.join(out, f"panorama_{name}_{h}x{3 * w}.png")
         Image.fromarray(grid.squeeze(-1)).resize((grid.shape[1] * 3, grid.shape[0] * 3),
                                                  Image.NEAREST).save(path)
         paths.append(path)

@@ -6,6 +6,7 @@ import pytest
 from conftest import f32_tol, fast_compile
 
 from lcm_jax import config_checks, models
+from lcm_jax.diffusion import edm as edm_math
 from lcm_jax.models import lego
 from lcm_jax.objectives import edm as edm_objective
 from lcm_jax.objectives.edm import EDMObjective
@@ -221,6 +222,34 @@ def test_sampling_on_larger_canvases_and_with_skipping(tiny_pg):
     odd = draw(0.0, (12, 20, 1))  # not multiples of the 16-pixel tile: padded to 16x32, cropped
     assert odd.shape == (2, 12, 20, 1) and np.isfinite(odd).all()
     assert not np.allclose(draw(0.5, (16, 16, 1)), draw(0.0, (16, 16, 1)))
+
+
+def test_shifted_coordinates_keep_every_pixel_s_coordinate():
+    inner = lego.coordinate_channels(16, 32)
+    for dy, dx in ((0, 0), (8, 8), (3, 11)):
+        grid = lego.shifted_coordinates(16, 32, 16, dy, dx)
+        assert grid.shape == (32, 48, 2)
+        np.testing.assert_allclose(grid[dy:dy + 16, dx:dx + 32], inner, atol=1e-6)
+
+
+def test_shifted_tiling_moves_the_tile_grid_every_other_noise_level(tiny_pg):
+    """At offset 0 the canvas's tiles are the unshifted grid's (the margin only adds tiles
+    outside the crop), so D is the same; at half a tile they straddle the old borders."""
+    config, objective, _ = tiny_pg
+    params = random_params(objective.network.denoiser.module, (16, 16, 1), scale=0.05)
+    labels = jnp.array([3, 7])
+    sigmas = jnp.array([4.0, 1.0])
+    levels = edm_math.preconditioning(sigmas)[3]  # level 0: offset 0, level 1: offset 8
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 32, 1))
+    plain = objective.denoise_fn(params, labels, 1.5)
+    shifted = objective.denoise_fn(params, labels, 1.5, shifted_levels=levels)
+    at = lambda fn, sigma: fast_compile(lambda p: fn(x, jnp.full((2,), sigma)), params)
+    np.testing.assert_allclose(at(shifted, 4.0), at(plain, 4.0), atol=1e-5)
+    assert np.abs(at(shifted, 1.0) - at(plain, 1.0)).max() > 1e-3
+    sc = _with(config.eval, 0.0)
+    sc.shifted_tiles = True
+    panorama = fast_compile(lambda p: objective.sample(p, jax.random.PRNGKey(0), labels, sc, (16, 48, 1)), params)
+    assert panorama.shape == (2, 16, 48, 1) and np.isfinite(panorama).all()
 
 
 def _with(config, t_break):

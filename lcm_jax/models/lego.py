@@ -18,6 +18,11 @@ output; the top brick is not in the traced program at all, so its FLOPs are gone
 cost analysis). `skip_phase` says when a stack's top brick may be dropped: a global (image-level)
 top brick at low noise, a finer patch top brick at high noise.
 
+Shifted tiling (sampling above the training resolution; objectives/edm.py): each evaluation
+runs on the canvas placed inside one a tile larger, at an offset that alternates between 0 and half
+a tile with the noise level, with `shifted_coordinates`; tile borders then move between steps and
+neighbouring tiles see each other's content, instead of each being a training-size image.
+
 Patch subsampling (training): `outputs(..., tiles=[idx_k or None], fill=F)` computes only the tiles
 idx_k [B, m_k] of brick k; its other tiles take the values of `fill`. `nested_tiles` makes the
 index sets nested (locations drawn once at the coarsest patch brick, every finer patch brick
@@ -42,6 +47,15 @@ def coordinate_channels(height: int, width: int) -> np.ndarray:
     rows = np.linspace(-1.0, 1.0, height, dtype=np.float32)
     cols = np.linspace(-1.0, 1.0, width, dtype=np.float32)
     return np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
+
+
+def shifted_coordinates(height: int, width: int, margin: int, dy, dx):
+    """[H + margin, W + margin, 2]: an H x W canvas's coordinate channels with the canvas placed at
+    row dy, column dx (traced or not) of one `margin` larger, extended linearly into the margin:
+    every pixel of the canvas keeps its coordinate wherever the tile grid lies."""
+    rows = -1.0 + (jnp.arange(height + margin, dtype=jnp.float32) - dy) * (2.0 / (height - 1))
+    cols = -1.0 + (jnp.arange(width + margin, dtype=jnp.float32) - dx) * (2.0 / (width - 1))
+    return jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1)
 
 
 def to_tiles(x, r: int):
@@ -121,15 +135,17 @@ class LEGO(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
-    def __call__(self, x, t, labels=None, timestep_cond=None, num_bricks: int | None = None):
-        return self.outputs(x, t, labels, timestep_cond, num_bricks=num_bricks)[-1]
+    def __call__(self, x, t, labels=None, timestep_cond=None, num_bricks: int | None = None,
+                 coords=None):
+        return self.outputs(x, t, labels, timestep_cond, num_bricks=num_bricks, coords=coords)[-1]
 
     @nn.compact
     def outputs(self, x, t, labels=None, timestep_cond=None, *, num_bricks: int | None = None,
-                tiles: Sequence | None = None, fill=None):
+                tiles: Sequence | None = None, fill=None, coords=None):
         """Every computed brick's output (bottom first). `num_bricks` runs only the bottom ones;
         `tiles[k]` ([B, m] tile indices, or None for all) computes a subset of brick k's tiles,
-        the rest taken from `fill` [B, H, W, out_channels]."""
+        the rest taken from `fill` [B, H, W, out_channels]. `coords` [H, W, 2] replaces the
+        canvas's coordinate channels (`shifted_coordinates`: a canvas inside a larger one)."""
         b, height, width, channels = x.shape
         for k, (r, p, *_rest) in enumerate(self.stack):
             if height % r or width % r:
@@ -145,8 +161,8 @@ class LEGO(nn.Module):
                                 width=self.cond_width or max(brick[3] for brick in self.stack),
                                 num_classes=self.num_classes,
                                 time_cond_proj_dim=self.time_cond_proj_dim, dtype=self.dtype)
-        coords = jnp.broadcast_to(jnp.asarray(coordinate_channels(height, width), x.dtype),
-                                  (b, height, width, 2))
+        coords = coordinate_channels(height, width) if coords is None else coords
+        coords = jnp.broadcast_to(jnp.asarray(coords, x.dtype), (b, height, width, 2))
         prev, outs = None, []
         for k, (r, p, depth, brick_width, heads) in enumerate(self.stack[:count]):
             brick = Brick(r, p, depth, brick_width, heads, out_channels, self.mlp_ratio, self.dtype,

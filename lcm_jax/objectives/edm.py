@@ -84,9 +84,33 @@ def config_problems(config):
         if rules.present(t_break) and (not rules.is_real(t_break) or not 0 <= t_break <= 1):
             yield rules.bad(f"{section}.t_break", t_break, "must be a fraction of the sampling "
                             "trajectory in [0, 1]", "e.g. 0.5 (T/2); 0 turns skipping off")
+        shifted = rules.get(config, f"{section}.shifted_tiles", False)
+        if shifted and rules.get(config, "model.name") != "lego":
+            yield rules.bad(f"{section}.shifted_tiles", shifted, "shifts a LEGO tile grid but "
+                            f"config.model.name is {rules.get(config, 'model.name')!r}", "set it to False")
         if rules.present(t_break) and t_break and rules.get(config, "model.name") != "lego":
             yield rules.bad(f"{section}.t_break", t_break, "skips a LEGO brick but "
                             f"config.model.name is {rules.get(config, 'model.name')!r}", "set it to 0")
+
+
+def shifted_tiling(net, tile: int, levels):
+    """`net(x, c_noise, y)` run on the canvas placed inside one `tile` larger (its margin filled by
+    mirroring the canvas), at offset 0 or tile / 2 in both axes, alternating with the index of the
+    nearest of the grid's noise `levels`, and cropped back: tile borders move between steps
+    (Swin's shifted windows, across sampling steps), so no region is an independent
+    training-size image. Costs the larger canvas's FLOPs."""
+    def shifted(x, c_noise, y):
+        b, h, w, c = x.shape
+        level = jnp.argmin(jnp.abs(levels - c_noise.reshape(-1)[0]))
+        offset = (level % 2) * (tile // 2)
+        mirrored = jnp.pad(x, ((0, 0), (tile, tile), (tile, tile), (0, 0)), mode="symmetric")
+        window = jax.lax.dynamic_slice(mirrored, (0, tile - offset, tile - offset, 0),
+                                       (b, h + tile, w + tile, c))
+        coords = lego.shifted_coordinates(h, w, tile, offset, offset)
+        out = net(window, c_noise, y, coords=coords)
+        return jax.lax.dynamic_slice(out, (0, offset, offset, 0), (b, h, w, out.shape[-1]))
+
+    return shifted
 
 
 def _computed_mask(idx, r: int, height: int, width: int):
@@ -221,10 +245,15 @@ class EDMObjective:
             return lego.max_tile(self.stack)
         return getattr(self.network.denoiser.module, "patch_size", 1)
 
-    def denoise_fn(self, params, labels, guidance_scale: float, num_bricks: int | None = None):
-        """D(x, sigma) under classifier-free guidance (one batched call of 2B)."""
+    def denoise_fn(self, params, labels, guidance_scale: float, num_bricks: int | None = None,
+                   shifted_levels=None):
+        """D(x, sigma) under classifier-free guidance (one batched call of 2B); with
+        `shifted_levels` (the grid's c_noise values) the LEGO tile grid shifts per noise level."""
         kwargs = {} if num_bricks is None else {"num_bricks": num_bricks}
-        net = lambda x, c_noise, y: self.network.denoiser.apply(params, x, c_noise, y, **kwargs)
+        net = lambda x, c_noise, y, **more: self.network.denoiser.apply(params, x, c_noise, y,
+                                                                        **kwargs, **more)
+        if shifted_levels is not None:
+            net = shifted_tiling(net, lego.max_tile(self.stack), shifted_levels)
         denoise = edm.denoiser(net, self.sigma_data)
         if not self.null_class:  # unconditional
             return lambda x, sigma: denoise(x, sigma, None)
@@ -252,12 +281,16 @@ class EDMObjective:
                              if sample_config.get(f, None) is not None})
         heun = functools.partial(edm.heun, churn=churn, rng=jax.random.fold_in(rng, 1), num_steps=n)
         g = sample_config.guidance_scale
-        full = self.denoise_fn(params, labels, g)
+        levels = None  # the noise levels that set each evaluation's tile offset
+        if sample_config.get("shifted_tiles", False):
+            levels = jnp.asarray(edm.preconditioning(sigmas[:-1], self.sigma_data)[3])
+        full = self.denoise_fn(params, labels, g, shifted_levels=levels)
         t_break = sample_config.get("t_break", 0.0)
         if self.stack is None or not t_break:
             return heun(full, x, sigmas)
         phase = lego.skip_phase(self.stack)
-        reduced = self.denoise_fn(params, labels, g, num_bricks=len(self.stack) - 1)
+        reduced = self.denoise_fn(params, labels, g, num_bricks=len(self.stack) - 1,
+                                  shifted_levels=levels)
         first, _ = skip_schedule(n, t_break, phase)
         fns = (full, reduced) if phase == "low_noise" else (reduced, full)
         for fn, part, start in zip(fns, (sigmas[:first + 1], sigmas[first:]), (0, first)):
