@@ -4,14 +4,16 @@ and a grid, with the seconds per image printed.
   python -m experiments.sample --model PATH [--lora DIR] (--prompt "a photo of a cat" | --prompts FILE) \
       [--sampler lcm --steps 4 --guidance 8 --gamma 0.3 --seed 0 --num 4] --out samples/
   python -m experiments.sample --workdir W [--weights ema|online] [--num 40] [--sampler lcm --steps 4 \
-      --guidance 1.5 --gamma 0.3] [--t_break 0.5 --height 16 --width 48] --out samples/
+      --guidance 1.5 --gamma 0.3] [--t_break 0.5 --height 16 --width 48 --shifted_tiles] --out samples/
 
 --model: an SD 1.x / 2.x / SDXL pipeline folder (a distilled LCM folder too); --lora: a
 pytorch_lora_weights.safetensors folder (LCM-LoRA, TCD-LoRA, Smooth LoRA) fused into it.
 --workdir: a run of this repository (its W/config.json and newest checkpoint): a digits LCD / TCD
 / LCF student, a Smooth model, LEGO or DiT; class-conditional samples cycle over the classes.
 The sampler, steps, guidance, gamma and t_break default to the run's config.sample; LEGO and
-DiT runs also sample other canvases (--height / --width, multiples of the tiles).
+DiT runs also sample other canvases (--height / --width; sides that are not multiples of the
+tiles are sampled padded and center-cropped), LEGO with its tile grid shifted every other noise
+level (--shifted_tiles).
 """
 import os
 import time
@@ -37,6 +39,8 @@ def main():
     p.add_argument("--guidance", type=cli_args.real(0), default=None)
     p.add_argument("--gamma", type=cli_args.real(0, 1), default=None, help="TCD's stochasticity")
     p.add_argument("--t_break", type=cli_args.real(0, 1), default=None, help="LEGO brick skipping")
+    p.add_argument("--shifted_tiles", action="store_true", default=None,
+                   help="LEGO above the training size: shift the tile grid every other noise level")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=cli_args.at_least(1), default=None)
     p.add_argument("--height", type=cli_args.at_least(8), default=None)
@@ -55,7 +59,7 @@ def from_model(a):
 
     if bool(a.prompt) == bool(a.prompts):
         raise errors.UserError("give --prompt TEXT or --prompts FILE (one prompt per line).")
-    for flag in ("weights", "t_break"):
+    for flag in ("weights", "t_break", "shifted_tiles"):
         if getattr(a, flag) not in (None, "ema"):
             raise errors.UserError(f"--{flag} is for --workdir runs, not --model folders.")
     prompts = [a.prompt] if a.prompt else [line.strip() for line in open(a.prompts) if line.strip()]
@@ -87,14 +91,18 @@ def from_workdir(a):
             raise errors.UserError(f"--{flag} is for --model folders; a run samples its own "
                                    "conditions (its classes or config.sample.prompts).")
     objective = export.build_objective(config, a.workdir)
+    if a.shifted_tiles and getattr(objective, "stack", None) is None:
+        raise errors.UserError(f"--shifted_tiles moves a LEGO tile grid; this run's model is "
+                               f"{config.model.name!r}: drop the flag.")
     params, _ = export.restore_params(config, a.workdir, objective, a.weights)
     sc = config.sample.copy_and_resolve_references()
     with sc.unlocked():
         for field, value in (("sampler", a.sampler), ("num_steps", a.steps),
                              ("guidance_scale", a.guidance), ("gamma", a.gamma),
-                             ("t_break", a.t_break)):
+                             ("t_break", a.t_break), ("shifted_tiles", a.shifted_tiles)):
             if value is not None:
                 sc[field] = value
+
     num = a.num or sc.get("num_images", 16)
     frozen, rng = jax.device_put(objective.frozen), jax.random.PRNGKey(a.seed)
     if a.height or a.width:

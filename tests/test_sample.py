@@ -45,6 +45,7 @@ def test_samples_a_workdir_on_its_canvas_and_a_wider_one(workdir, tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--prompt", "a cat"], "--prompt is for --model folders"),
     (["--lora", "."], "--lora is for --model folders"),
+    (["--shifted_tiles"], "--shifted_tiles moves a LEGO tile grid; this run's model is 'dit'"),
 ])
 def test_flags_of_the_other_source_are_one_line_errors(workdir, tmp_path, args, words):
     proc = sample("--workdir", workdir, *args, "--out", str(tmp_path / "c"))
