@@ -57,7 +57,10 @@ def test_lcm_matches_diffusers(tmp_path, steps):
 @pytest.fixture(scope="module")
 def sd_pipes(tmp_path_factory):
     """Built once: 'ddim' (a plain UNet, the LCM-LoRA route's base) and 'lcm' (w-embedded)."""
-    return {kind: build(tmp_path_factory.mktemp(kind), kind) for kind in ("ddim", "lcm")}
+    folders = {kind: tmp_path_factory.mktemp(kind) for kind in ("ddim", "lcm")}
+    pipes = {kind: build(folder, kind) for kind, folder in folders.items()}
+    pipes["folders"] = {kind: folder / "pipe" for kind, folder in folders.items()}
+    return pipes
 
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "dpm_solver_pp": "DPMSolverMultistepScheduler",
@@ -184,14 +187,14 @@ def test_sd_inversion_matches_diffusers_and_edits(tmp_path):
     assert edited.shape == (2, 16, 16, 3) and np.all(np.isfinite(edited))
 
 
-def test_bfloat16_weights_halve_the_memory_and_stay_close(tmp_path):
+def test_bfloat16_weights_halve_the_memory_and_stay_close(sd_pipes):
     """param_dtype=bfloat16 (sd_lcm_sampling.ipynb on an accelerator): every float weight is
     stored in bf16, and images stay near float32's (bf16 keeps ~3 significant digits)."""
     import jax.numpy as jnp
 
-    _, ours = build(tmp_path, "ddim")
-    half = pipeline.StableDiffusion.from_pretrained(str(tmp_path / "pipe"), dtype=jnp.bfloat16,
-                                                    param_dtype=jnp.bfloat16)
+    _, ours = sd_pipes["ddim"]
+    half = pipeline.StableDiffusion.from_pretrained(str(sd_pipes["folders"]["ddim"]),
+                                                    dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     trees = lambda p: (p.unet_params, p.vae_params, p.text_params)
     assert {a.dtype for a in jax.tree.leaves(trees(half)) if jnp.issubdtype(a.dtype, jnp.floating)} == {jnp.dtype(jnp.bfloat16)}
     nbytes = lambda p: sum(a.nbytes for a in jax.tree.leaves(trees(p)))
