@@ -14,8 +14,8 @@ samples at 1 / 2 / 4 / 8 steps, per guidance g (the student embeds w = g - 1), w
 sampler and, for TCD students, TCD's sampler at each gamma. `--seeds` repeats the final
 evaluation with other sampling seeds (the evaluation noise). Runs named NAME_s0, NAME_s1, ... with
 `seed=K` are replicates: with `--seeds 0,1,2` each is also read at sampling seed K, and the table
-"mean ± std" pools them (both seeds vary together). `--teacher` scores the teacher's
-DDIM-50 instead. Results go to OUT/results.json (finished runs are skipped on a rerun) and print
+"mean ± std" pools them (both seeds vary together). `--teacher` scores the teacher instead:
+DDIM-50, and command 1's few-step solvers (DDIM, DPM-Solver, DPM-Solver++) at 1 / 2 / 4 / 8 steps. Results go to OUT/results.json (finished runs are skipped on a rerun) and print
 as markdown tables.
 """
 import argparse
@@ -90,6 +90,7 @@ def main():
     import jax
 
     from lcm_jax import config_checks, objectives, tracking, train
+    from lcm_jax.eval import few_step
     from lcm_jax.objectives import consistency
 
     base, pipeline, teacher, evaluator = load_chain(args.workdir)
@@ -111,6 +112,13 @@ def main():
                 if key not in scores:
                     scores[key] = score(teacher_fn, None, frozen, evaluator, fields, g, seed, base)
                     print("teacher", key, scores[key], flush=True)
+                    results.save()
+                for solver, (sampler, kwargs) in few_step.BASELINES.items():  # command 1's table
+                    cell = results.entry(f"teacher_{solver}").setdefault(key, {})
+                    for n in (str(n) for n in STEPS if str(n) not in cell):
+                        cell[n] = score(teacher_fn, None, frozen, evaluator, dict(
+                            sampler=sampler, num_steps=int(n), sampler_kwargs=kwargs), g, seed, base)
+                    print(f"teacher {solver}", key, cell, flush=True)
                     results.save()
 
     for text in args.run:
@@ -155,7 +163,8 @@ SEEDED = re.compile(r"^(.+)_s(\d+)$")  # NAME_sK: trained with seed=K, read at s
 def seed_summary(results: dict) -> dict:
     """Over the finished runs NAME_s0, NAME_s1, ... (training seed K, each read at sampling seed
     K): per NAME, sampler / guidance and step count, the mean and std (ddof 1) of FD-digits and
-    accuracy, and the seeds used."""
+    accuracy, and the seeds used; the teacher's few-step solvers (`--teacher`) over their
+    sampling seeds."""
     pooled = {}
     for name, record in results.items():
         match = SEEDED.match(name)
@@ -168,6 +177,13 @@ def seed_summary(results: dict) -> dict:
                 for n, metrics in cell.items():
                     pooled.setdefault(match.group(1), {}).setdefault(label, {}).setdefault(
                         n, []).append((seed, metrics))
+    for name, record in results.items():  # the teacher's solvers: one network, sampling seeds
+        if name.startswith("teacher_") and name != "teacher_ddim50":
+            for key, cell in record.items():
+                label, _, at = key.rpartition("/seed")
+                for n, metrics in cell.items():
+                    pooled.setdefault(name, {}).setdefault(label, {}).setdefault(n, []).append(
+                        (int(at), metrics))
     summary = {}
     for group, labels in pooled.items():
         for label, steps in labels.items():
@@ -199,7 +215,7 @@ def tables(results: dict) -> str:
         lines += ["\nmean ± std over training seed K read at sampling seed K",
                   seed_table(results["seed_summary"])]
     for name, record in results.items():
-        if name in ("teacher_ddim50", "seed_summary"):
+        if name.startswith("teacher_") or name == "seed_summary":  # in the summary
             continue
         rows = [[step, key, *(_harness.fd_cell(cell[str(n)]) for n in STEPS)]
                 for step, cells in record.items() if step.isdigit() for key, cell in cells.items()]
