@@ -178,9 +178,11 @@ def seed_summary(results: dict) -> dict:
                     pooled.setdefault(match.group(1), {}).setdefault(label, {}).setdefault(
                         n, []).append((seed, metrics))
     for name, record in results.items():  # the teacher's solvers: one network, sampling seeds
-        if name.startswith("teacher_") and name != "teacher_ddim50":
+        if name.startswith("teacher_"):
             for key, cell in record.items():
                 label, _, at = key.rpartition("/seed")
+                if name == "teacher_ddim50":  # {fd, acc} of DDIM-50
+                    cell = {"50": cell}
                 for n, metrics in cell.items():
                     pooled.setdefault(name, {}).setdefault(label, {}).setdefault(n, []).append(
                         (int(at), metrics))
@@ -201,11 +203,13 @@ def seed_table(summary: dict) -> str:
     """'FD mean ± std (accuracy mean ± std)' per run group and sampler / guidance."""
     cell = lambda c: (f"{c['fd_mean']:.2f} ± {c['fd_std']:.2f} "
                       f"({c['acc_mean']:.1%} ± {c['acc_std']:.1%})") if c else "-"
+    counts = STEPS + ((50,) if any("50" in steps for labels in summary.values()
+                                   for steps in labels.values()) else ())
     rows = [[f"{group} {label}", len(next(iter(steps.values()))["seeds"]),
-             *(cell(steps.get(str(n))) for n in STEPS)]
+             *(cell(steps.get(str(n))) for n in counts)]
             for group, labels in summary.items() for label, steps in labels.items()]
     return _harness.markdown_table(["run / sampler / guidance", "seeds",
-                                    *(f"{n} steps" for n in STEPS)], rows)
+                                    *(f"{n} steps" for n in counts)], rows)
 
 
 def tables(results: dict) -> str:
