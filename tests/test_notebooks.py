@@ -18,7 +18,7 @@ TINY = {
                                   TCD_LORA="{tmp}/lora", PROMPT="a cat", STEPS=[1, 2], DDIM_STEPS=3,
                                   TCD_STEPS=2, GAMMAS=[0.0, 0.5]),
     "lego_bricks.ipynb": dict(TINY=True, TRAIN_STEPS=4, WORKDIR="{tmp}/lego", NUM_SAMPLES=16,
-                              T_BREAKS=[0.5], HEUN_STEPS=2),
+                              T_BREAKS=[0.5], REPEATS=1, HEUN_STEPS=2),
     "smooth_interpolation.ipynb": dict(TINY=True, TEACHER_WORKDIR="{tmp}/chain",
                                        SMOOTH_WORKDIR="{tmp}/smooth", TRAIN_STEPS=2, NUM_STEPS=2,
                                        NUM_FRAMES=3, NUM_IMAGES=2),
