@@ -72,8 +72,8 @@ def _written_as(token: str, value: float) -> bool:
 
 def test_result_rows_are_the_numbers_in_their_results_files():
     """A table row marked `<!-- numbers: PATH -->` (README.md, docs/*.md; PATH relative to the
-    page) shows only numbers that its results file holds, at the precision shown: figures are
-    copied from what a run wrote, not typed in."""
+    page; several markers: their union) shows only numbers that its results files hold, at the
+    precision shown: figures are copied from what a run wrote, not typed in."""
     pages = [os.path.join(ROOT, "README.md")] + sorted(
         os.path.join(ROOT, "docs", n) for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md"))
     import json
@@ -81,11 +81,12 @@ def test_result_rows_are_the_numbers_in_their_results_files():
     checked = 0
     for page in pages:
         for line in open(page):
-            match = NUMBERS.search(line)
-            if not (match and line.startswith("|")):
+            sources = NUMBERS.findall(line)
+            if not (sources and line.startswith("|")):
                 continue
-            stored = _stored_numbers(json.load(open(os.path.join(os.path.dirname(page), match.group(1)))))
+            stored = [x for source in sources for x in _stored_numbers(
+                json.load(open(os.path.join(os.path.dirname(page), source))))]
             for token in TOKEN.findall("|".join(line.split("|")[2:])):
-                assert any(_written_as(token, x) for x in stored), (page, match.group(1), token, line)
+                assert any(_written_as(token, x) for x in stored), (page, sources, token, line)
             checked += 1
     assert checked >= 3
