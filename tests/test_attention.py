@@ -75,7 +75,8 @@ V5E = ("tpu", "TPU v5 lite", 1)
 @pytest.mark.parametrize("backend,shapes,want", [
     (("cpu", "", 1), _spec(256, 256, 64), "chunked"),
     (H200, _spec(4096, 4096, 64), "cudnn"),                         # bf16 self-attention
-    (H200, _spec(4096, 77, 40, jnp.float16), "cudnn"),              # SD 1.x cross-attention
+    (H200, _spec(4096, 64, 40, jnp.float16), "cudnn"),              # fp16, short keys
+    (H200, _spec(4096, 77, 40), "xla"),                             # SD's 77 text tokens: odd
     (H200, _spec(4096, 4096, 64, jnp.float32), "xla"),              # cuDNN has no fp32 flash
     (H200, _spec(1024, 1024, 160), "cudnn"),                        # <= 256 from Hopper on
     (A100, _spec(1024, 1024, 160), "xla"),                          # <= 128 before
@@ -105,7 +106,9 @@ def test_named_kernels_refuse_what_they_cannot_run(monkeypatch):
         with pytest.raises(ValueError, match=f"attention='{name}'.*{why}.*config.model.attention"):
             attention.resolve(name, *shapes)
     monkeypatch.setattr(attention, "_backend", lambda: H200)
-    assert attention.resolve("cudnn", *_spec(128, 77, 40)) == "cudnn"
+    assert attention.resolve("cudnn", *_spec(128, 78, 40)) == "cudnn"
+    with pytest.raises(ValueError, match="even sequence lengths, not query 128, keys 77"):
+        attention.resolve("cudnn", *_spec(128, 77, 40))
     monkeypatch.setattr(attention, "_backend", lambda: ("tpu", "TPU v5 lite", 8))
     assert attention.resolve("pallas_tpu", *_spec(100, 77, 40)) == "pallas_tpu"  # padded; pmap runs it
 

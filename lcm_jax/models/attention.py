@@ -10,7 +10,8 @@ softmax(q k^T / sqrt(D)) v, by the kernel that the models' `attention` field nam
               is O(chunk x S) instead of O(L x S), forward and backward.
   cudnn       cuDNN's fused flash attention (jax.nn.dot_product_attention(implementation="cudnn")):
               NVIDIA GPUs of compute capability >= 8.0, float16 / bfloat16, head dim a multiple of 8
-              and <= 128 (<= 256 from Hopper on): the limits of jax/_src/cudnn/
+              and <= 128 (<= 256 from Hopper on), even query and key lengths (jax 0.11 refuses odd
+              ones under autodiff: SD's 77 text tokens): the limits of jax/_src/cudnn/
               fused_attention_stablehlo.py, which raises outside them, so "auto" checks them first.
   pallas_tpu  the Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu.splash_attention).
               It tiles in 128-wide blocks, so lengths and head dim are zero-padded to multiples of
@@ -21,7 +22,7 @@ softmax(q k^T / sqrt(D)) v, by the kernel that the models' `attention` field nam
               costs, `python -m experiments.benchmark --suite lcd_breakdown`); cudnn on an NVIDIA GPU
               where its limits allow; pallas_tpu on a one-device TPU v4+ where L and S are whole
               128-blocks (no padded rows); xla everywhere else (fp32 on GPU, the VAE's 512-wide head,
-              77-token text keys on TPU, jit over several TPUs, other backends).
+              77-token text keys on GPU and TPU, jit over several TPUs, other backends).
 
 Naming cudnn or pallas_tpu insists on that kernel: a call it cannot run raises ValueError at trace
 time rather than silently running another. chunked, cudnn and pallas_tpu define their own VJPs, so
@@ -81,6 +82,9 @@ def _cudnn_problem(backend, q=None, k=None, v=None) -> str | None:
     if not (k.shape[-1] == v.shape[-1] == dim and dim % 8 == 0 and dim <= most):
         return (f"cuDNN flash attention needs a head dim that is a multiple of 8 and <= {most} on "
                 f"compute capability {capability}, not {dim}")
+    if q.shape[1] % 2 or k.shape[1] % 2:  # jax 0.11 refuses odd lengths under autodiff
+        return (f"cuDNN flash attention's backward needs even sequence lengths, not query "
+                f"{q.shape[1]}, keys {k.shape[1]}")
     return None
 
 
