@@ -28,12 +28,16 @@ Suites:
                vs DDIM-50 and DPM-Solver++-25 with CFG, the LCD step's tiny UNet, batch 1.
   compile      seconds to compile the fused LCD step in a fresh process, cold and with the
                persistent compilation cache (config.parallel.compilation_cache_dir) warm.
+  lcd_scale    on a GPU: the fused LCD step at SD scale (SD 2.1 @ 768^2 at the LCM paper's batch 9
+               per device, SD 1.5 @ 512^2 full and LoRA r64; bf16) vs the reference script's
+               PyTorch step on the same GPU, img/s and peak GiB, beside the paper's 2.5 img/s per
+               A100; cuDNN flash attention's error vs XLA's on the UNet's attention shapes.
   lego_memory  the paper-scale LEGO configs (configs/lego_imagenet64.py pg / pr, lego_imagenet256.py
                on 32x32x4 latents, lego_celeba64.py pg): XLA's compiled memory and FLOPs per
                image of ONE train step at a per-device batch (abstract weights: nothing runs).
 
 The suites live in experiments/benchmarks/ (common.py, lcd.py: the shared LCD step; speed.py,
-memory.py, data_loading.py).
+memory.py, data_loading.py, accelerator.py).
 """
 import argparse
 import json
@@ -41,10 +45,11 @@ import json
 import jax
 
 from experiments import _harness
-from experiments.benchmarks import data_loading, memory, speed
+from experiments.benchmarks import accelerator, data_loading, memory, speed
 
 SUITES = {"unet_memory": memory.unet_memory, "lcd_memory": memory.lcd_memory,
           "lego_memory": memory.lego_memory, "lcd_step": speed.lcd_step,
+          "lcd_scale": accelerator.lcd_scale,
           "lcd_breakdown": speed.lcd_breakdown, "lcd_profile": speed.lcd_profile, "mfu": speed.mfu,
           "xla_flags": speed.xla_flags, "sampling": speed.sampling, "compile": speed.compile_time,
           "prefetch": data_loading.prefetch}

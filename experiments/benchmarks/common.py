@@ -11,13 +11,18 @@ def compiled_memory(fn, *args, donate_argnums=()) -> dict:
     """XLA's own accounting of a compiled program (bytes -> GiB)."""
     start = time.time()
     compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+    return dict(memory_gib(compiled), compile_s=round(time.time() - start, 1))
+
+
+def memory_gib(compiled) -> dict:
+    """A compiled program's arguments, outputs, temporaries and peak (GiB; donated arguments that
+    alias outputs count once), from XLA's memory analysis."""
     m = compiled.memory_analysis()
     gib = lambda b: round(b / 2 ** 30, 3)
     return {"arguments_gib": gib(m.argument_size_in_bytes), "outputs_gib": gib(m.output_size_in_bytes),
             "temporaries_gib": gib(m.temp_size_in_bytes),
             "peak_gib": gib(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                            - m.alias_size_in_bytes),
-            "compile_s": round(time.time() - start, 1)}
+                            - m.alias_size_in_bytes)}
 
 
 def median_ms(fn, repeats: int) -> float:

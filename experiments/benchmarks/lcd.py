@@ -106,11 +106,24 @@ def lcd_batch(b: int, side: int, context: int, dim: int, seed: int = 0, pooled: 
     return batch
 
 
-def jax_lcd_step(batch: dict, attention: str = "auto", compiler_options: dict | None = None):
-    """A callable running one fused LCD step of lcm_jax (until its loss is ready)."""
-    params = init_unet(unet.from_config(LCD_UNET), LCD_UNET["sample_size"])
-    objective = lcd_objective(LCD_UNET, LCD_UNET["sample_size"] * 8, params, attention=attention)
+def jax_lcd_step(batch: dict, attention: str = "auto", compiler_options: dict | None = None,
+                 unet_config: dict = LCD_UNET, lora_rank: int = 0, dtype=jnp.float32,
+                 teacher_dtype=None):
+    """A callable running one fused LCD step of lcm_jax (until its loss is ready) on `batch`, with
+    random weights of `unet_config`; `dtype` the compute dtype, `teacher_dtype` the frozen
+    teacher's storage (the trained params stay float32). `step.compiled` is the XLA program."""
+    from lcm_jax import train
+
+    side, context = batch["latents"].shape[1], batch["prompt_embeds"].shape[1]
+    # The key is an argument: XLA would constant-fold an argument-free init (minutes on a GPU).
+    params = jax.jit(lambda rng: init_unet(unet.from_config(unet_config), side, context, rng))(
+        jax.random.PRNGKey(0))
+    objective = lcd_objective(unet_config, side * 8, params, lora_rank=lora_rank,
+                              attention=attention, context=context, dtype=dtype)
     frozen = objective.frozen  # {"base": the teacher's params}
+    if teacher_dtype is not None:
+        frozen = jax.jit(lambda f: train.as_dtype(f, teacher_dtype))(frozen)
+    del params
     state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
     device_batch = jax.device_put(batch)
     step_fn = jax.jit(objective.train_step, donate_argnums=0).lower(state, device_batch, frozen).compile(
@@ -125,29 +138,35 @@ def jax_lcd_step(batch: dict, attention: str = "auto", compiler_options: dict | 
     return step
 
 
-def torch_lcd_step(batch: dict):
+def torch_lcd_step(batch: dict, unet_config: dict = LCD_UNET, device: str = "cpu",
+                   bf16: bool = False):
     """The reference LCD script's step (diffusers examples/consistency_distillation), verbatim in
-    structure: 4 UNet forwards (student, teacher cond, teacher uncond, target) + 1 backward."""
+    structure: 4 UNet forwards (student, teacher cond, teacher uncond, target) + 1 backward. With
+    `bf16`, as the script runs under mixed precision: the teacher stored in bf16, the student
+    and its EMA target in float32, the UNet calls under bf16 autocast."""
+    import contextlib
     import copy
 
     import diffusers
     import torch
 
     torch.manual_seed(0)
-    teacher = diffusers.UNet2DConditionModel(**LCD_UNET).eval().requires_grad_(False)
-    student = diffusers.UNet2DConditionModel(**LCD_UNET, time_cond_proj_dim=W_DIM)
+    teacher = diffusers.UNet2DConditionModel.from_config(dict(unet_config)).eval().requires_grad_(False)
+    student = diffusers.UNet2DConditionModel.from_config(dict(unet_config, time_cond_proj_dim=W_DIM))
     student.load_state_dict(teacher.state_dict(), strict=False)
-    student.train()
+    teacher.to(device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    student.to(device).train()
     target = copy.deepcopy(student).requires_grad_(False)
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     opt = torch.optim.AdamW(student.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
     sched = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    abar = sched.alphas_cumprod
+    abar = sched.alphas_cumprod.to(device)
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     k = 20
-    ddim_ts = torch.arange(1, 51) * k - 1
-    latents = torch.from_numpy(batch["latents"]).permute(0, 3, 1, 2).contiguous()
-    embeds = torch.from_numpy(batch["prompt_embeds"])
-    uncond = torch.from_numpy(batch["uncond_embeds"])[:1].expand_as(embeds)
+    ddim_ts = torch.arange(1, 51, device=device) * k - 1
+    latents = torch.from_numpy(batch["latents"]).permute(0, 3, 1, 2).contiguous().to(device)
+    embeds = torch.from_numpy(batch["prompt_embeds"]).to(device)
+    uncond = torch.from_numpy(batch["uncond_embeds"])[:1].expand_as(embeds).to(device)
     b = latents.shape[0]
     col = lambda a: a[:, None, None, None]
 
@@ -158,32 +177,33 @@ def torch_lcd_step(batch: dict):
     def w_embedding(w):
         w = w * 1000.0
         half = W_DIM // 2
-        freqs = torch.exp(torch.arange(half) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+        freqs = torch.exp(torch.arange(half, device=device) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
         args = w[:, None] * freqs[None]
         return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
     def step():
-        index = torch.randint(0, 50, (b,))
+        index = torch.randint(0, 50, (b,), device=device)
         start = ddim_ts[index]
         t = torch.clamp(start - k, min=0)
         cs_start, co_start = scalings(start)
         cs, co = scalings(t)
         noise = torch.randn_like(latents)
         noisy = col(alpha[start]) * latents + col(sigma[start]) * noise
-        w = (W_RANGE[1] - W_RANGE[0]) * torch.rand(b) + W_RANGE[0]
+        w = (W_RANGE[1] - W_RANGE[0]) * torch.rand(b, device=device) + W_RANGE[0]
         w_emb = w_embedding(w)
-        out = student(noisy, start, timestep_cond=w_emb, encoder_hidden_states=embeds).sample
+        with autocast():
+            out = student(noisy, start, timestep_cond=w_emb, encoder_hidden_states=embeds).sample.float()
         x0 = (noisy - col(sigma[start]) * out) / col(alpha[start])
         model_pred = col(cs_start) * noisy + col(co_start) * x0
-        with torch.no_grad():
-            eps_c = teacher(noisy, start, encoder_hidden_states=embeds).sample
-            eps_u = teacher(noisy, start, encoder_hidden_states=uncond).sample
+        with torch.no_grad(), autocast():
+            eps_c = teacher(noisy, start, encoder_hidden_states=embeds).sample.float()
+            eps_u = teacher(noisy, start, encoder_hidden_states=uncond).sample.float()
             x0_c = (noisy - col(sigma[start]) * eps_c) / col(alpha[start])
             x0_u = (noisy - col(sigma[start]) * eps_u) / col(alpha[start])
             x0_w = x0_c + col(w) * (x0_c - x0_u)
             eps_w = eps_c + col(w) * (eps_c - eps_u)
             x_prev = col(alpha[t]) * x0_w + col(sigma[t]) * eps_w
-            out_t = target(x_prev, t, timestep_cond=w_emb, encoder_hidden_states=embeds).sample
+            out_t = target(x_prev, t, timestep_cond=w_emb, encoder_hidden_states=embeds).sample.float()
             x0_t = (x_prev - col(sigma[t]) * out_t) / col(alpha[t])
             target_pred = col(cs) * x_prev + col(co) * x0_t
         loss = torch.mean(torch.sqrt((model_pred - target_pred) ** 2 + HUBER_C ** 2) - HUBER_C)
@@ -194,6 +214,8 @@ def torch_lcd_step(batch: dict):
         with torch.no_grad():
             for p_t, p in zip(target.parameters(), student.parameters()):
                 p_t.mul_(EMA).add_(p, alpha=1 - EMA)
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     return step
 
