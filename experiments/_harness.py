@@ -7,6 +7,7 @@ results file, one table format. Scripts run from the repository root as `python 
               the objective from the registry (main.py trains every config this way).
   ResultsFile OUT/results.json, rewritten atomically after every entry; a rerun skips entries
               already marked done.
+  SEEDED      NAME_sK names a replicate trained (and read) at seed K; mean_std pools them.
   in_study    a study's run config: tracked in W&B (config.wandb.mode, offline by default;
               WANDB_MODE wins) as run OUT-NAME in the group named after OUT; the study's
               table then goes to a `summary` run of that group (tracking.log_results).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 
 from lcm_jax import config_loading, errors, paths
 
@@ -54,6 +56,15 @@ def build_run(config, workdir: str, pipeline=None):
                                       process_count=jax.process_count())
     paths.path(workdir).mkdir(parents=True, exist_ok=True)
     return objectives.build(config, workdir, pipeline), pipeline
+
+
+SEEDED = re.compile(r"^(.+)_s(\d+)$")  # NAME_sK: trained with seed=K, read at sampling seed K
+
+
+def mean_std(values) -> tuple[float, float]:
+    """(mean, sample std with ddof 1; 0 for one value) of replicate scores."""
+    values = list(values)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def in_study(config, out: str, name: str):

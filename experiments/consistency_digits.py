@@ -20,8 +20,6 @@ as markdown tables.
 """
 import argparse
 import os
-import re
-import statistics
 
 from experiments import _harness
 
@@ -157,7 +155,7 @@ def main():
     tracking.log_results(run_config([], args.steps), args.out, "results", results.data)
 
 
-SEEDED = re.compile(r"^(.+)_s(\d+)$")  # NAME_sK: trained with seed=K, read at sampling seed K
+SEEDED = _harness.SEEDED
 
 
 def seed_summary(results: dict) -> dict:
@@ -190,12 +188,11 @@ def seed_summary(results: dict) -> dict:
     for group, labels in pooled.items():
         for label, steps in labels.items():
             for n, runs in steps.items():
-                fd, acc = [m["fd"] for _, m in runs], [m["acc"] for _, m in runs]
-                spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+                (fd_mean, fd_std), (acc_mean, acc_std) = (
+                    _harness.mean_std(m[k] for _, m in runs) for k in ("fd", "acc"))
                 summary.setdefault(group, {}).setdefault(label, {})[n] = dict(
-                    seeds=sorted(s for s, _ in runs), fd_mean=round(statistics.mean(fd), 4),
-                    fd_std=round(spread(fd), 4), acc_mean=round(statistics.mean(acc), 4),
-                    acc_std=round(spread(acc), 4))
+                    seeds=sorted(s for s, _ in runs), fd_mean=round(fd_mean, 4),
+                    fd_std=round(fd_std, 4), acc_mean=round(acc_mean, 4), acc_std=round(acc_std, 4))
     return summary
 
 

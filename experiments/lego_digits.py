@@ -5,6 +5,9 @@ the t_break sweep and generation on canvases larger than the training one.
   python -m experiments.lego_digits --out workdirs/lego_digits \
       [--models pg,pr,dit,pg_sub,dit_eqflops] [--sweep pg,pr] [--t_breaks 0,0.25,0.5,0.75]
 
+NAME_sK trains and samples NAME at seed K (NAME alone is seed 0); with replicates in OUT, the
+table opens with every model's FD-digits and accuracy as mean ± std over its seeds.
+
 Each model trains in OUT/NAME with configs/digits_lego.py:NAME (',' for '_'; resumable, a finished
 one is only restored); `dit_eqflops` is the DiT trained for as many steps as spend the training
 FLOPs of LEGO-PR's run (`--equal_flops_to`), with its learning-rate schedule over those steps.
@@ -22,15 +25,20 @@ import time
 
 from experiments import _harness
 
-TINY = ""  # ",tiny" under --tiny: seconds-long models (tests/test_lego.py runs the recipe so)
+TINY = ""  # ",tiny" under --tiny: seconds-long models, to check the recipe end to end by hand
 
 
 def build(name: str, workdir: str, total_steps: int | None = None):
-    """(config, objective, pipeline) of configs/digits_lego.py:NAME, as main.py builds a run."""
+    """(config, objective, pipeline) of configs/digits_lego.py:NAME, as main.py builds a run;
+    NAME_sK with seed=K (training and sampling)."""
     from configs import digits_lego
 
-    config = _harness.in_study(digits_lego.get_config(name.replace("_", ",") + TINY),
-                               os.path.dirname(workdir), os.path.basename(workdir))
+    seeded = _harness.SEEDED.match(name)
+    config = _harness.in_study(digits_lego.get_config(
+        (seeded.group(1) if seeded else name).replace("_", ",") + TINY),
+        os.path.dirname(workdir), os.path.basename(workdir))
+    if seeded:
+        config.seed = int(seeded.group(2))
     if total_steps:
         config.total_steps = total_steps
     objective, pipeline = _harness.build_run(config, workdir)
@@ -172,6 +180,8 @@ def main(argv=None):
             print(name, t_break, entry["sweep"][str(t_break)], flush=True)
         entry["canvases"] = canvases(objective, params, config.eval, args.out, name)
         results.set(name, entry)
+    if any(_harness.SEEDED.match(name) for name in results.data):
+        results.set("seed_summary", seed_summary(results.data))
     print(tables(results.data, t_breaks))
     from lcm_jax import tracking
 
@@ -179,7 +189,30 @@ def main(argv=None):
     return results.data
 
 
+def seed_summary(results: dict) -> dict:
+    """Per model over its replicates NAME_sK (NAME itself is seed 0): the seeds, mean and std
+    (ddof 1) of FD-digits and accuracy at t_break 0, and the training FLOPs per image."""
+    pooled = {}
+    for name, entry in results.items():
+        if name == "seed_summary":
+            continue
+        seeded = _harness.SEEDED.match(name)
+        group, seed = (seeded.group(1), int(seeded.group(2))) if seeded else (name, 0)
+        pooled.setdefault(group, []).append((seed, entry))
+    summary = {}
+    for group, runs in pooled.items():
+        (fd, fd_std), (acc, acc_std) = (_harness.mean_std(e["sweep"]["0.0"][k] for _, e in runs)
+                                        for k in ("fd", "acc"))
+        summary[group] = dict(seeds=sorted(s for s, _ in runs), fd_mean=round(fd, 4),
+                              fd_std=round(fd_std, 4), acc_mean=round(acc, 4),
+                              acc_std=round(acc_std, 4),
+                              train_flops_per_image=runs[0][1]["train_flops_per_image"])
+    return summary
+
+
 def tables(results: dict, t_breaks) -> str:
+    summary = results.get("seed_summary", {})
+    results = {k: v for k, v in results.items() if k != "seed_summary"}
     rows = []
     for name, e in results.items():
         s = e["sweep"]["0.0"]
@@ -191,7 +224,12 @@ def tables(results: dict, t_breaks) -> str:
               *(f"{c['fd']:.2f} ({c['acc']:.3f}) / {c['seconds']:.2f} s" if c else "-"
                 for c in (e["sweep"].get(str(t)) for t in t_breaks))]
              for name, e in results.items() if "eval_flops_top_skipped" in e]
+    seeds = [[group, ",".join(map(str, c["seeds"])), f"{c['fd_mean']:.2f} ± {c['fd_std']:.2f}",
+              f"{c['acc_mean']:.1%} ± {c['acc_std']:.1%}", f"{c['train_flops_per_image'] / 1e9:.4f}"]
+             for group, c in summary.items()]
     return "\n".join([
+        *([_harness.markdown_table(["model", "seeds", "FD-digits mean ± std", "accuracy",
+                                    "train GFLOP / image"], seeds), ""] if seeds else []),
         _harness.markdown_table(["model", "params", "training steps", "train GFLOP / image",
                                  "train TFLOP total", "FD-digits", "accuracy", "sampling s / 500"], rows),
         "", "t_break sweep: FD-digits (accuracy) / seconds for 500 images; MFLOP per evaluation "
