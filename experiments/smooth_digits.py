@@ -1,7 +1,7 @@
 r"""Smooth Diffusion on README command 1's digits teacher: Smooth-LoRA vs the base, and a lambda sweep.
 
   python -m experiments.smooth_digits --teacher_workdir workdirs/digits_lcd --out workdirs/smooth_digits \
-      [--lambdas 0,0.1,1,10] [--steps 1000] [--pairs 5] [--nti 50]
+      [--lambdas 0,0.1,1,10] [--steps 1000] [--pairs 5] [--nti 50] [--seeds 0]
 
 1. Trains configs/digits_smooth.py at each lambda in OUT/lambda_<value> (skipped once it has
    exported OUT/lambda_<value>/smooth/params.msgpack). lambda 0 is the control: the same LoRA
@@ -16,7 +16,10 @@ r"""Smooth Diffusion on README command 1's digits teacher: Smooth-LoRA vs the ba
      back at guidance 1 and 1.5): PSNR and SSIM in [0, 1] pixels; null-text inversion at 1.5 on
      the first `nti` test digits (one set of nulls per image); the VAE's own reconstruction as
      the ceiling.
-3. Writes OUT/results.json, OUT/strip.png (11-frame interpolations: base above, Smooth
+   `--seeds 0,1,2` repeats every run at training seed K (OUT/lambda_<value>_sK for K > 0) and
+   scores it and the base (`base_sK`) at sampling seed K: the FD noise and the ISTD noise pairs.
+3. Writes OUT/results.json (with `seed_summary`: each model's mean ± std over its seeds, and
+   its ISTD and FD change from the base at the same seed), OUT/strip.png (11-frame interpolations: base above, Smooth
    lambda = 1 below, for four classes) and prints the markdown tables of the README.
 """
 import argparse
@@ -29,13 +32,21 @@ from experiments import _harness
 GUIDANCE = 1.5
 
 
-def run_dir(out: str, lam: float, full: bool = False) -> str:
-    return os.path.join(out, f"{'full_' if full else ''}lambda_{lam}")
+METRICS = ("istd", "mean_step", "fd", "acc", "ddim_psnr_g1.5")
 
 
-def run_config(config, lam: float, full_lr: float | None = None):
-    """The study's config at lambda; full_lr: every parameter trained (no LoRA) at that lr."""
+def run_name(lam: float, full: bool = False, seed: int = 0) -> str:
+    return f"{'full_' if full else ''}lambda_{lam}" + (f"_s{seed}" if seed else "")
+
+
+def run_dir(out: str, lam: float, full: bool = False, seed: int = 0) -> str:
+    return os.path.join(out, run_name(lam, full, seed))
+
+
+def run_config(config, lam: float, full_lr: float | None = None, seed: int = 0):
+    """The study's config at lambda and seed; full_lr: every parameter trained (no LoRA) at that lr."""
     c = config.copy_and_resolve_references()
+    c.seed = seed
     c.smooth.lambda_reg = lam
     if full_lr is not None:
         c.smooth.lora = None
@@ -61,11 +72,11 @@ def score_model(model, objective, params, frozen, config, evaluator, args, test_
     from lcm_jax.eval import image_metrics, istd, sampling
 
     out = {}
-    # ISTD: the same noise pairs for every model.
+    # ISTD: the same noise pairs for every model at this seed.
     classes = np.repeat(np.arange(10), args.pairs)
     shape = (len(classes),) + model.latent_shape
-    noise_a = jax.random.normal(jax.random.PRNGKey(100), shape)
-    noise_b = jax.random.normal(jax.random.PRNGKey(101), shape)
+    noise_a = jax.random.normal(jax.random.PRNGKey(100 + 2 * config.seed), shape)
+    noise_b = jax.random.normal(jax.random.PRNGKey(101 + 2 * config.seed), shape)
     generate = lambda x, labels: model.generate(x, jnp.asarray(labels), guidance_scale=GUIDANCE)
     frames = istd.interpolation_frames(generate, noise_a, noise_b, classes)
     result = istd.istd(frames)
@@ -103,6 +114,7 @@ def main():
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--nti", type=int, default=50)
+    parser.add_argument("--seeds", default="0", help="training and sampling seeds (runs NAME_sK)")
     args = parser.parse_args()
 
     import jax
@@ -120,9 +132,11 @@ def main():
     config_checks.validate(config)
     lambdas = [float(x) for x in args.lambdas.split(",") if x]
     full = [float(x) for x in args.full_lambdas.split(",") if x]
-    runs = [(f"lambda_{lam}", run_config(config, lam), run_dir(args.out, lam)) for lam in lambdas]
-    runs += [(f"full_lambda_{lam}", run_config(config, lam, args.full_lr), run_dir(args.out, lam, True))
-             for lam in full]
+    seeds = [int(k) for k in args.seeds.split(",")]
+    runs = [(run_name(lam, False, k), run_config(config, lam, seed=k), run_dir(args.out, lam, False, k))
+            for k in seeds for lam in lambdas]
+    runs += [(run_name(lam, True, k), run_config(config, lam, args.full_lr, k), run_dir(args.out, lam, True, k))
+             for k in seeds for lam in full]
     runs = [(name, _harness.in_study(c, args.out, name), workdir) for name, c, workdir in runs]
     for _, c, workdir in runs:
         train(c, workdir)
@@ -134,7 +148,8 @@ def main():
 
     results = _harness.ResultsFile(os.path.join(args.out, "results.json"))  # reruns add their models
     strips = {}
-    models = ([] if args.no_base else [("base", config, None)]) + runs
+    bases = [("base" + (f"_s{k}" if k else ""), run_config(config, 0.0, seed=k), None) for k in seeds]
+    models = ([] if args.no_base else bases) + runs
     for name, c, workdir in models:
         t0 = time.time()
         model = editing.LatentModel.from_digits(c, args.teacher_workdir, workdir)
@@ -153,6 +168,8 @@ def main():
     to01 = lambda x: (np.clip(np.asarray(x), -1, 1) + 1.0) / 2.0
     results.set("vae", {"psnr": float(np.mean(image_metrics.psnr(to01(rec), to01(test_images)))),
                         "ssim": float(np.mean(image_metrics.ssim(to01(rec), to01(test_images))))})
+    if any(_harness.SEEDED.match(name) for name in results.data):
+        results.set("seed_summary", seed_summary(results.data))
     if "base" in strips:
         save_strip(os.path.join(args.out, "strip.png"), strips["base"], strips.get("lambda_1.0"), args.pairs)
     print(tables(results.data))
@@ -178,7 +195,43 @@ def save_strip(path: str, base, smooth, pairs: int, classes=(0, 3, 5, 8)) -> Non
     Image.fromarray(np.kron(grid, np.ones((4, 4), np.uint8))).save(path)
 
 
+def seed_summary(results: dict) -> dict:
+    """Per model over its seeds (NAME is seed 0, NAME_sK seed K): mean and std (ddof 1) of each of
+    METRICS, and of the relative ISTD and FD change from the base scored at the same seed."""
+    pooled = {}
+    for name, scores in results.items():
+        if name in ("vae", "seed_summary"):
+            continue
+        seeded = _harness.SEEDED.match(name)
+        group, seed = (seeded.group(1), int(seeded.group(2))) if seeded else (name, 0)
+        pooled.setdefault(group, {})[seed] = scores
+    summary = {}
+    for group, by_seed in pooled.items():
+        row = {"seeds": sorted(by_seed)}
+        for key in METRICS:
+            row[f"{key}_mean"], row[f"{key}_std"] = (round(x, 4) for x in _harness.mean_std(
+                r[key] for r in by_seed.values()))
+        base = pooled.get("base", {})
+        for key in ("istd", "fd"):
+            changes = [r[key] / base[k][key] - 1 for k, r in by_seed.items() if k in base]
+            if changes and group != "base":
+                row[f"{key}_change_mean"], row[f"{key}_change_std"] = (
+                    round(x, 4) for x in _harness.mean_std(changes))
+        summary[group] = row
+    return summary
+
+
 def tables(results: dict) -> str:
+    summary = results.get("seed_summary", {})
+    results = {k: v for k, v in results.items() if k != "seed_summary"}
+    seeds = [[group, ",".join(map(str, r["seeds"])),
+              *(f"{r[f'{key}_mean']:.3f} ± {r[f'{key}_std']:.3f}" for key in METRICS),
+              *(f"{r[f'{key}_change_mean']:+.1%} ± {r[f'{key}_change_std']:.1%}"
+                if f"{key}_change_mean" in r else "" for key in ("istd", "fd"))]
+             for group, r in summary.items()]
+    seed_table = [_harness.markdown_table(
+        ["model", "seeds", *(f"{key} mean ± std" for key in METRICS), "ISTD vs base", "FD vs base"],
+        seeds), ""] if seeds else []
     rows = [[name, f"{r['istd']:.3f}", f"{r['mean_step']:.2f}", f"{r['fd']:.2f}", f"{r['acc']:.3f}",
              f"{r['ddim_psnr_g1.0']:.2f} / {r['ddim_psnr_g1.5']:.2f}",
              f"{r['ddim_ssim_g1.0']:.3f} / {r['ddim_ssim_g1.5']:.3f}",
@@ -187,8 +240,9 @@ def tables(results: dict) -> str:
     if "vae" in results:
         rows.append(["VAE reconstruction (ceiling)", "", "", "", "", f"{results['vae']['psnr']:.2f}",
                      f"{results['vae']['ssim']:.3f}", ""])
-    return _harness.markdown_table(["model", "ISTD", "mean step", "FD-digits", "acc",
-                                    "DDIM-inv PSNR g1 / g1.5", "SSIM g1 / g1.5", "NTI PSNR / SSIM"], rows)
+    return "\n".join(seed_table + [_harness.markdown_table(
+        ["model", "ISTD", "mean step", "FD-digits", "acc", "DDIM-inv PSNR g1 / g1.5", "SSIM g1 / g1.5",
+         "NTI PSNR / SSIM"], rows)])
 
 
 if __name__ == "__main__":

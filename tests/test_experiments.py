@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from experiments import _harness, consistency_digits, lego_digits
+from experiments import _harness, consistency_digits, lego_digits, smooth_digits
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")
 
@@ -47,3 +47,16 @@ def test_lego_seed_summary_takes_the_bare_name_as_seed_0():
                                  train_flops_per_image=8.0)
     assert summary["pg_sub"]["seeds"] == [2] and summary["pg_sub"]["fd_std"] == 0.0
     assert "19.00 ± 1.41" in lego_digits.tables(dict(results, seed_summary=summary), [0.0])
+
+
+def test_smooth_seed_summary_compares_each_seed_with_the_base_at_that_seed():
+    scores = lambda istd, fd: {"istd": istd, "mean_step": 0.5, "fd": fd, "acc": 0.8, "ddim_psnr_g1.0": 32.0,
+                               "ddim_psnr_g1.5": 28.0, "ddim_ssim_g1.0": 0.9, "ddim_ssim_g1.5": 0.9}
+    results = {"base": scores(0.20, 10.0), "base_s1": scores(0.25, 20.0), "lambda_1.0": scores(0.10, 15.0),
+               "lambda_1.0_s1": scores(0.20, 20.0), "vae": {"psnr": 32.0, "ssim": 0.9}}
+    summary = smooth_digits.seed_summary(results)
+    assert set(summary) == {"base", "lambda_1.0"} and "istd_change_mean" not in summary["base"]
+    smooth = summary["lambda_1.0"]  # ISTD -50% and -20%, FD +50% and 0% at the matching seeds
+    assert (smooth["istd_change_mean"], smooth["fd_change_mean"]) == (-0.35, 0.25)
+    assert smooth["istd_change_std"] == round(statistics.stdev([-0.5, -0.2]), 4)
+    assert "-35.0% ± 21.2%" in smooth_digits.tables(dict(results, seed_summary=summary))
