@@ -34,6 +34,7 @@ import numpy as np
 
 from lcm_jax.diffusion import consistency, samplers
 from lcm_jax.diffusion import schedule as sched
+from lcm_jax import models
 from lcm_jax.models import clip_text, convert, lora, unet, vae
 
 SAMPLERS = ("ddim", "dpm_solver_pp", "lcm", "tcd")
@@ -124,8 +125,7 @@ class StableDiffusion:
         with open(os.path.join(sub("scheduler"), "scheduler_config.json")) as f:
             sc = json.load(f)
         sample_size = int(convert.read_config(sub("unet")).get("sample_size", 64))
-        stored = (lambda tree: tree) if param_dtype is None else (lambda tree: jax.tree.map(
-            lambda a: a.astype(param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree))
+        stored = (lambda tree: tree) if param_dtype is None else (lambda tree: models.as_dtype(tree, param_dtype))
         return cls(unet_module, stored(unet_params), vae_module, stored(vae_params),
                    tuple(e[0] for e in encoders), tuple(stored(e[1]) for e in encoders), tuple(tokenizers), schedule_from_scheduler_config(sc),
                    sc, sample_size, len(names) == 2 and index.get("force_zeros_for_empty_prompt", True))

@@ -46,15 +46,9 @@ class TrainState:
     def create(cls, params, tx, rng, stats=None) -> "TrainState":
         """Step 0, the EMA at the params. The trained params are the float32 master copy whatever
         the storage dtype of the frozen networks they may start from (`model.param_dtype`)."""
-        params = as_dtype(params, jnp.float32)
+        params = models.as_dtype(params, jnp.float32)
         return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                    opt_state=tx.init(params), rng=rng, stats=stats)
-
-
-def as_dtype(tree, dtype):
-    """Every floating leaf of `tree` in `dtype` (integer leaves untouched)."""
-    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype else a
-    return jax.tree.map(cast, tree)
 
 
 # ==============================================================================================
@@ -295,7 +289,7 @@ class Program:
         init = objective.init_state
         # The networks the step reads but never trains, stored in model.param_dtype (bfloat16 halves
         # them); the trained params stay a float32 master copy (TrainState.create).
-        frozen = as_dtype(objective.frozen, models.DTYPES[config.model.get("param_dtype", "float32")])
+        frozen = models.as_dtype(objective.frozen, models.DTYPES[config.model.get("param_dtype", "float32")])
         abstract_frozen = jax.eval_shape(lambda: frozen)
         self.abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0), abstract_frozen)
         if self.mode == "pmap":

@@ -112,7 +112,7 @@ def jax_lcd_step(batch: dict, attention: str = "auto", compiler_options: dict | 
     """A callable running one fused LCD step of lcm_jax (until its loss is ready) on `batch`, with
     random weights of `unet_config`; `dtype` the compute dtype, `teacher_dtype` the frozen
     teacher's storage (the trained params stay float32). `step.compiled` is the XLA program."""
-    from lcm_jax import train
+    from lcm_jax import models
 
     side, context = batch["latents"].shape[1], batch["prompt_embeds"].shape[1]
     # The key is an argument: XLA would constant-fold an argument-free init (minutes on a GPU).
@@ -122,7 +122,7 @@ def jax_lcd_step(batch: dict, attention: str = "auto", compiler_options: dict | 
                               attention=attention, context=context, dtype=dtype)
     frozen = objective.frozen  # {"base": the teacher's params}
     if teacher_dtype is not None:
-        frozen = jax.jit(lambda f: train.as_dtype(f, teacher_dtype))(frozen)
+        frozen = jax.jit(lambda f: models.as_dtype(f, teacher_dtype))(frozen)
     del params
     state = jax.jit(objective.init_state)(jax.random.PRNGKey(0), frozen)
     device_batch = jax.device_put(batch)

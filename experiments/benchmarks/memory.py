@@ -42,7 +42,7 @@ def lcd_memory(batch: int = 1, cases=("sd15", "sdxl")) -> dict:
     stay a float32 master): SD 1.5 at 512^2 and SDXL at 1024^2, fp32 compute, remat, batch 1.
     (bf16 compute is left out: XLA's CPU backend computes bf16 convolutions through f32 copies,
     so its CPU figure says nothing of a GPU's.)"""
-    from lcm_jax import models, train
+    from lcm_jax import models
 
     results = {}
     for case in cases:
@@ -54,7 +54,7 @@ def lcd_memory(batch: int = 1, cases=("sd15", "sdxl")) -> dict:
         for mode, rank in (("full", 0), ("lora_r64", 64)):
             for param_dtype in ("float32", "bfloat16"):
                 objective = lcd_objective(config, side, lora_rank=rank, remat=True, context=77)
-                frozen = jax.eval_shape(lambda f: train.as_dtype(f, models.DTYPES[param_dtype]),
+                frozen = jax.eval_shape(lambda f: models.as_dtype(f, models.DTYPES[param_dtype]),
                                         objective.frozen)  # {"base": the teacher}
                 state = jax.eval_shape(objective.init_state, jax.random.PRNGKey(0), frozen)
                 step = lambda s, bt, f: objective.train_step(s, bt, f)

@@ -11,11 +11,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 MODELS = ("dit", "unet", "lego")
 # config.model.dtype (compute) and config.model.param_dtype (storage of the frozen networks)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def as_dtype(tree, dtype):
+    """Every floating leaf of `tree` in `dtype` (integer leaves untouched): weights' storage."""
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dtype else a
+    return jax.tree.map(cast, tree)
 
 
 @dataclasses.dataclass(frozen=True)
