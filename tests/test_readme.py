@@ -67,7 +67,7 @@ def _written_as(token: str, value: float) -> bool:
     digits = token.rstrip("%").replace(",", "")
     decimals = len(digits.partition(".")[2])
     scales = (100,) if token.endswith("%") else SCALES
-    return any(f"{value * s:.{decimals}f}" == digits for s in scales)
+    return any(f"{abs(value) * s:.{decimals}f}" == digits for s in scales)  # signs stand outside tokens
 
 
 def test_result_rows_are_the_numbers_in_their_results_files():
