@@ -7,7 +7,9 @@ results file, one table format. Scripts run from the repository root as `python 
               the objective from the registry (main.py trains every config this way).
   ResultsFile OUT/results.json, rewritten atomically after every entry; a rerun skips entries
               already marked done.
-  SEEDED      NAME_sK names a replicate trained (and read) at seed K; mean_std pools them.
+  SEEDED      NAME_sK names a replicate trained (and read) at seed K (a bare NAME is seed 0);
+              replicate / replicate_name / pool_replicates read and write such names, mean_std
+              pools their scores.
   in_study    a study's run config: tracked in W&B (config.wandb.mode, offline by default;
               WANDB_MODE wins) as run OUT-NAME in the group named after OUT; the study's
               table then goes to a `summary` run of that group (tracking.log_results).
@@ -59,6 +61,27 @@ def build_run(config, workdir: str, pipeline=None):
 
 
 SEEDED = re.compile(r"^(.+)_s(\d+)$")  # NAME_sK: trained with seed=K, read at sampling seed K
+
+
+def replicate(name: str) -> tuple[str, int]:
+    """(NAME, K) of NAME_sK; a bare NAME is seed 0."""
+    seeded = SEEDED.match(name)
+    return (seeded.group(1), int(seeded.group(2))) if seeded else (name, 0)
+
+
+def replicate_name(name: str, seed: int) -> str:
+    """NAME at seed K: NAME_sK, NAME itself for seed 0."""
+    return f"{name}_s{seed}" if seed else name
+
+
+def pool_replicates(results: dict, skip=()) -> dict:
+    """{NAME: {K: entry}} of the entries NAME / NAME_sK of `results`, less the names in `skip`."""
+    pooled = {}
+    for name, entry in results.items():
+        if name not in skip:
+            group, seed = replicate(name)
+            pooled.setdefault(group, {})[seed] = entry
+    return pooled
 
 
 def mean_std(values) -> tuple[float, float]:

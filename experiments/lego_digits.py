@@ -33,12 +33,10 @@ def build(name: str, workdir: str, total_steps: int | None = None):
     NAME_sK with seed=K (training and sampling)."""
     from configs import digits_lego
 
-    seeded = _harness.SEEDED.match(name)
-    config = _harness.in_study(digits_lego.get_config(
-        (seeded.group(1) if seeded else name).replace("_", ",") + TINY),
-        os.path.dirname(workdir), os.path.basename(workdir))
-    if seeded:
-        config.seed = int(seeded.group(2))
+    model, seed = _harness.replicate(name)
+    config = _harness.in_study(digits_lego.get_config(model.replace("_", ",") + TINY),
+                               os.path.dirname(workdir), os.path.basename(workdir))
+    config.seed = seed
     if total_steps:
         config.total_steps = total_steps
     objective, pipeline = _harness.build_run(config, workdir)
@@ -192,21 +190,13 @@ def main(argv=None):
 def seed_summary(results: dict) -> dict:
     """Per model over its replicates NAME_sK (NAME itself is seed 0): the seeds, mean and std
     (ddof 1) of FD-digits and accuracy at t_break 0, and the training FLOPs per image."""
-    pooled = {}
-    for name, entry in results.items():
-        if name == "seed_summary":
-            continue
-        seeded = _harness.SEEDED.match(name)
-        group, seed = (seeded.group(1), int(seeded.group(2))) if seeded else (name, 0)
-        pooled.setdefault(group, []).append((seed, entry))
     summary = {}
-    for group, runs in pooled.items():
-        (fd, fd_std), (acc, acc_std) = (_harness.mean_std(e["sweep"]["0.0"][k] for _, e in runs)
+    for group, runs in _harness.pool_replicates(results, skip=("seed_summary",)).items():
+        (fd, fd_std), (acc, acc_std) = (_harness.mean_std(e["sweep"]["0.0"][k] for e in runs.values())
                                         for k in ("fd", "acc"))
-        summary[group] = dict(seeds=sorted(s for s, _ in runs), fd_mean=round(fd, 4),
-                              fd_std=round(fd_std, 4), acc_mean=round(acc, 4),
-                              acc_std=round(acc_std, 4),
-                              train_flops_per_image=runs[0][1]["train_flops_per_image"])
+        summary[group] = dict(seeds=sorted(runs), fd_mean=round(fd, 4), fd_std=round(fd_std, 4),
+                              acc_mean=round(acc, 4), acc_std=round(acc_std, 4),
+                              train_flops_per_image=next(iter(runs.values()))["train_flops_per_image"])
     return summary
 
 

@@ -36,7 +36,7 @@ METRICS = ("istd", "mean_step", "fd", "acc", "ddim_psnr_g1.5")
 
 
 def run_name(lam: float, full: bool = False, seed: int = 0) -> str:
-    return f"{'full_' if full else ''}lambda_{lam}" + (f"_s{seed}" if seed else "")
+    return _harness.replicate_name(f"{'full_' if full else ''}lambda_{lam}", seed)
 
 
 def run_dir(out: str, lam: float, full: bool = False, seed: int = 0) -> str:
@@ -148,7 +148,7 @@ def main():
 
     results = _harness.ResultsFile(os.path.join(args.out, "results.json"))  # reruns add their models
     strips = {}
-    bases = [("base" + (f"_s{k}" if k else ""), run_config(config, 0.0, seed=k), None) for k in seeds]
+    bases = [(_harness.replicate_name("base", k), run_config(config, 0.0, seed=k), None) for k in seeds]
     models = ([] if args.no_base else bases) + runs
     for name, c, workdir in models:
         t0 = time.time()
@@ -198,13 +198,7 @@ def save_strip(path: str, base, smooth, pairs: int, classes=(0, 3, 5, 8)) -> Non
 def seed_summary(results: dict) -> dict:
     """Per model over its seeds (NAME is seed 0, NAME_sK seed K): mean and std (ddof 1) of each of
     METRICS, and of the relative ISTD and FD change from the base scored at the same seed."""
-    pooled = {}
-    for name, scores in results.items():
-        if name in ("vae", "seed_summary"):
-            continue
-        seeded = _harness.SEEDED.match(name)
-        group, seed = (seeded.group(1), int(seeded.group(2))) if seeded else (name, 0)
-        pooled.setdefault(group, {})[seed] = scores
+    pooled = _harness.pool_replicates(results, skip=("vae", "seed_summary"))
     summary = {}
     for group, by_seed in pooled.items():
         row = {"seeds": sorted(by_seed)}

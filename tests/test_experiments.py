@@ -15,6 +15,8 @@ def test_mean_std_is_the_sample_std():
     assert _harness.mean_std([4.0]) == (4.0, 0.0)  # one replicate: no spread
     assert _harness.SEEDED.match("pr_sub_s12").groups() == ("pr_sub", "12")
     assert _harness.SEEDED.match("pr_sub") is None
+    assert _harness.replicate("pr_sub_s12") == ("pr_sub", 12) and _harness.replicate("pr_sub") == ("pr_sub", 0)
+    assert _harness.replicate_name("base", 0) == "base" and _harness.replicate_name("base", 2) == "base_s2"
 
 
 def test_consistency_seed_summary_pools_seed_k_read_at_sampling_seed_k():
@@ -30,9 +32,11 @@ def test_consistency_seed_summary_pools_seed_k_read_at_sampling_seed_k():
     assert (teacher["fd_mean"], teacher["acc_mean"], teacher["acc_std"]) == (10.0, 0.8, round(statistics.stdev([0.9, 0.7]), 4))
 
 
-def test_the_published_consistency_summary_is_its_runs_pooled():
-    results = json.load(open(os.path.join(DOCS, "tcd_vs_lcm_3seeds.json")))
-    assert consistency_digits.seed_summary(results) == results["seed_summary"]
+@pytest.mark.parametrize("study,file", [(consistency_digits, "tcd_vs_lcm_3seeds.json"),
+                                        (lego_digits, "lego_seeds.json"), (smooth_digits, "smooth_3seeds.json")])
+def test_the_published_summaries_are_their_runs_pooled(study, file):
+    results = json.load(open(os.path.join(DOCS, file)))
+    assert study.seed_summary(results) == results["seed_summary"]
 
 
 def test_lego_seed_summary_takes_the_bare_name_as_seed_0():
