@@ -38,6 +38,7 @@ def lcd_config(pretrained: str, *, image_size: int, prediction_type: str, lora_r
         sigma_data=0.5, timestep_scaling=10.0, zero_init_cond_proj=True,
         cond_proj_lr_scale=1.0,  # the w-embedding projection's lr factor (configs/digits_lcd.py)
         sample_posterior=True,  # latent_dist.sample(), as the SD LCD scripts
+        k_schedule=None, n_start=5,  # the skip curriculum (configs/digits_lcd.py); None: k = 20
         lora=ml_collections.ConfigDict(dict(rank=lora_rank, alpha=float(lora_rank),
                                             targets=LCM_LORA_TARGETS,
                                             merged=False))  # True: merged kernels in the step

@@ -57,6 +57,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         cond_proj_lr_scale=1.0,  # its lr = optimizer.lr * this (e.g. 100); everything else lr
         zero_init_cond_proj=True,  # False: torch nn.Linear's default init (diffusers' scripts)
         sample_posterior=False,  # the teacher trained on posterior means (the latent cache)
+        k_schedule=None,  # the skip curriculum: "doubling" grows the grid N = n_start, 2 n_start,
+        # ... up to num_ddim_timesteps (k = T / N from large to 20) in iCT's stages over
+        # total_steps; "constant": N = n_start throughout; None: the fixed k = 20
+        n_start=5,  # the first stage's N (k = 200); every stage's N must divide T = 1000: 5, 10,
+        # 20, 25, 40 or 50 with N = 50 (2 or 4 would reach N = 16)
         lora=None))  # e.g. ConfigDict(rank=64, alpha=64): LCM-LoRA on one base network
     c.ema_decay = 0.95
     c.optimizer = ml_collections.ConfigDict(dict(

@@ -13,7 +13,7 @@ Expected on the 2-core CPU: ~2 min per 1,000 steps; on inverted digits (lcf_digi
 FD-digits to the inverted test set 737 -> 145 at 4 steps, accuracy 14% -> 34% (README).
 
 Consistency training's recipe, off by default (the fields below; --config.FIELD=VALUE turns them on):
-  lcf.k_schedule='doubling'   the skip curriculum: LARGE skips first, N = lcf.n_start grid points
+  lcd.k_schedule='doubling'   the skip curriculum: LARGE skips first, N = lcd.n_start grid points
                               (k = 1000 / 5 = 200) doubling in stages to lcd.num_ddim_timesteps
                               (k = 20) over total_steps, iCT's N(k) (objectives/lcf.py); None: k = 20
                               from the first step (today's step, bit for bit)
@@ -32,12 +32,8 @@ def get_config(arg: str = ""):
     c.objective = "lcf"
     c.total_steps = 4 if arg == "tiny" else 3000
     c.data.update(name="folder", path="", channels=1, image_size=16)
-    c.lcf = dict(
-        lcm_workdir="workdirs/digits_lcd",  # README command 1's --workdir
-        k_schedule=None,  # or "doubling": N = n_start, 2 n_start, ... up to lcd.num_ddim_timesteps
-        # (k = T / N from large to 20) in iCT's stages over total_steps; None: the fixed k = 20
-        n_start=5)  # the first stage's N (k = 200); every stage's N must divide T = 1000: 5, 10,
-    # 20, 25, 40 or 50 with N = 50 (2 or 4 would reach N = 16)
+    c.lcf = dict(lcm_workdir="workdirs/digits_lcd")  # README command 1's --workdir
+    # c.lcd.k_schedule = "doubling"  # the skip curriculum (configs/digits_lcd.py has the fields)
     # c.lcd.target = "online"  # theta^- = stop_gradient(theta) (iCT) instead of the EMA target
     # (the EMA, decay ema_decay, then only feeds samples and evaluation)
     c.optimizer.update(lr=1e-4, warmup_steps=1 if arg == "tiny" else 50,

@@ -9,8 +9,8 @@ forward process on the same image and noise (objectives/lcf.py; Algorithm 4). De
 paper's Pokemon / Simpsons fine-tuning (768^2, lr 8e-6, 30K iterations; 90% of the images to train),
 EMA target 0.95, skip k = 20, w in [5, 15] embedded as in distillation, pseudo-Huber. Data: an
 image folder (`data.name='folder'`); tfds and webdataset work the same way.
-Options (configs/digits_lcf.py shows them): `lcf.k_schedule='doubling'` (the skip curriculum: N
-from `lcf.n_start` grid points, k = 1000 / 5 = 200, doubling to 50, k = 20, in iCT's stages over
+Options (configs/digits_lcf.py shows them): `lcd.k_schedule='doubling'` (the skip curriculum: N
+from `lcd.n_start` grid points, k = 1000 / 5 = 200, doubling to 50, k = 20, in iCT's stages over
 total_steps), `lcd.target='online'`, `optimizer.decay='constant'`.
 Expected: compiles ahead of time, then trains (not run here: no weights on this machine).
 """
@@ -22,5 +22,4 @@ def get_config(pretrained: str = ""):
                    w_min=5.0, w_max=15.0, lr=8e-6, batch_size=16, objective="lcf")
     c.total_steps = 30_000
     c.data.update(name="folder", path="", caption_key="text", random_crop=True)
-    c.lcf = dict(k_schedule=None, n_start=5)  # None: k = 20 from the first step (the paper's)
     return c

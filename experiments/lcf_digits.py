@@ -13,7 +13,7 @@ saw), from an image folder, with no teacher; FD before and after.
    and against ordinary digits (the usual FD-digits).
 3. Runs configs/digits_lcf.py on the folder (OUT/run) and scores the fine-tuned LCM the same way,
    at the end and, with --eval_every K, every K steps of the same run (its EMA params): the curve.
-   --k_schedule: with the skip curriculum (lcf.k_schedule='doubling': N = --n_start grid points,
+   --k_schedule: with the skip curriculum (lcd.k_schedule='doubling': N = --n_start grid points,
    k = 1000 / N, doubling in iCT's stages to 50, k = 20, over --steps); --set FIELD=VALUE (any
    config field, as --config.FIELD=VALUE of main.py), e.g. the online target or a constant lr.
    Each variant needs its own OUT (OUT/run resumes from its checkpoints).
@@ -57,7 +57,7 @@ def main():
     parser.add_argument("--control", action="store_true",
                         help="fine-tune on the ordinary digits instead (no shift): the control")
     parser.add_argument("--k_schedule", action="store_true",
-                        help="the skip curriculum: lcf.k_schedule='doubling' (large skips first)")
+                        help="the skip curriculum: lcd.k_schedule='doubling' (large skips first)")
     parser.add_argument("--n_start", type=int, default=5,
                         help="with --k_schedule: the first stage's grid points N (k = 1000 / N)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -83,7 +83,7 @@ def main():
     config.sample.every_steps = args.steps
     overrides = list(args.set)
     if args.k_schedule:
-        overrides += ["lcf.k_schedule=doubling", f"lcf.n_start={args.n_start}"]
+        overrides += ["lcd.k_schedule=doubling", f"lcd.n_start={args.n_start}"]
     if overrides:
         config = _harness.configure(config, overrides)
     if args.eval_every:

@@ -1,9 +1,10 @@
 """TCD and LCF: each fused step equals its math written out plainly (the draws of LCD's contract,
 two separate teacher calls, the DDIM jump in its x0 / eps form, optax AdamW, EMA); f(x, t, t) = x;
 TCD with a one-step grid and s = 0 is LCD's objective; LCF's starting state is the LCM itself.
-LCF's skip curriculum (lcf.k_schedule): the traced grid is skip_grid's, N(step) follows iCT's
-doubling stages, one compiled program draws each step's grid, and the fused step at a small N
-(EMA or online target) equals the written-out step on that N's grid."""
+The consistency family's skip curriculum (lcd.k_schedule): the traced grid is skip_grid's,
+N(step) follows iCT's doubling stages, one compiled program draws each step's grid (LCF's and
+LCD's), and the fused LCF step at a small N (EMA or online target) equals the written-out step
+on that N's grid."""
 import functools
 
 import jax
@@ -135,7 +136,7 @@ def test_fused_step_equals_unfused_math(kind):
 
 
 # ----------------------------------------------------------------------------------------------
-# LCF's skip curriculum (lcf.k_schedule): large skips first, one compiled step
+# The skip curriculum (lcd.k_schedule): large skips first, one compiled step
 # ----------------------------------------------------------------------------------------------
 
 DIVISORS = [n for n in range(1, 1001) if 1000 % n == 0]
@@ -157,30 +158,31 @@ def test_traced_skip_pair_is_skip_grid():
 def test_doubling_curriculum_follows_icts_stages():
     """N(step) = min(s0 2^floor(step / K'), s1), K' = floor(K / (log2(floor(s1 / s0)) + 1)):
     hand-computed at the stage boundaries, on this repository's default and on iCT's own
-    numbers (s0 = 10, s1 = 1280, K = 400,000: K' = 400,000 / 8 = 50,000)."""
-    from lcm_jax.objectives import lcf
-
+    numbers (s0 = 10, s1 = 1280, K = 400,000: K' = 400,000 / 8 = 50,000); 'constant' keeps
+    N = s0."""
     # s0 = 5, s1 = 50, K = 6000: K' = floor(6000 / (log2(10) + 1)) = floor(1388.27) = 1388.
-    assert lcf.doubling_stages(5, 50, 6000) == ([5, 10, 20, 40, 50], 1388)
-    points = jax.jit(lcf.doubling_points(5, 50, 6000))
+    assert sched.doubling_stages(5, 50, 6000) == ([5, 10, 20, 40, 50], 1388)
+    points = jax.jit(sched.skip_curriculum("doubling", 5, 50, 6000))
     expected = {0: 5, 1387: 5, 1388: 10, 2775: 10, 2776: 20, 4163: 20, 4164: 40, 5551: 40,
                 5552: 50, 5999: 50, 6000: 50, 10 ** 9: 50}
     assert {step: int(points(jnp.int32(step))) for step in expected} == expected
-    ict = lcf.doubling_points(10, 1280, 400_000)
+    ict = sched.skip_curriculum("doubling", 10, 1280, 400_000)
     expected = {0: 10, 49_999: 10, 50_000: 20, 100_000: 40, 149_999: 40, 300_000: 640,
                 349_999: 640, 350_000: 1280, 399_999: 1280}
     assert {step: int(ict(step)) for step in expected} == expected
     # Fewer steps than stages: one stage per step (K' >= 1); s0 = s1: the fixed grid throughout.
-    assert lcf.doubling_stages(5, 50, 4) == ([5, 10, 20, 40, 50], 1)
-    assert [int(lcf.doubling_points(5, 50, 4)(k)) for k in range(6)] == [5, 10, 20, 40, 50, 50]
-    assert lcf.doubling_stages(50, 50, 3000) == ([50], 3000)
+    assert sched.doubling_stages(5, 50, 4) == ([5, 10, 20, 40, 50], 1)
+    assert [int(sched.skip_curriculum("doubling", 5, 50, 4)(k)) for k in range(6)] == [5, 10, 20, 40, 50, 50]
+    assert sched.doubling_stages(50, 50, 3000) == ([50], 3000)
+    constant = jax.jit(sched.skip_curriculum("constant", 1, 50, 6000))
+    assert [int(constant(jnp.int32(k))) for k in (0, 5999, 10 ** 9)] == [1, 1, 1]
 
 
-def curriculum_config(n_start=5, total_steps=3000, **lcd):
-    """tiny_config with LCF's curriculum: N = 5, 10, 20 (k = 200, 100, 50), K' = 3000 / 3 = 1000."""
-    config = tiny_config(loss="huber", num_ddim_timesteps=20, **lcd)
-    config.objective, config.total_steps = "lcf", total_steps
-    config.lcf = dict(k_schedule="doubling", n_start=n_start)
+def curriculum_config(n_start=5, total_steps=3000, objective="lcf", **lcd):
+    """tiny_config with the curriculum: N = 5, 10, 20 (k = 200, 100, 50), K' = 3000 / 3 = 1000."""
+    config = tiny_config(loss="huber", num_ddim_timesteps=20, k_schedule="doubling",
+                         n_start=n_start, **lcd)
+    config.objective, config.total_steps = objective, total_steps
     return config
 
 
@@ -191,16 +193,21 @@ def lcm():
 
 def test_curriculum_draws_each_steps_grid_in_one_program(lcm):
     """One jitted draw, the step traced: n < N(step), (t, s) on N(step)'s skip grid, all of it
-    visited; in the last stage the draws are the fixed grid's bit for bit; unset, no curriculum."""
-    from lcm_jax.objectives import lcf
+    visited, for LCF and LCD alike; in the last stage the draws are the fixed grid's bit for bit;
+    unset, no curriculum; TCD refuses it."""
+    from lcm_jax.errors import UserError
+    from lcm_jax.objectives import consistency as family
 
     fixed = consistency_objective(tiny_config(loss="huber", num_ddim_timesteps=20), lcm, "lcf")
-    assert fixed.grid_points is None  # no lcf section: today's step
-    fixed.config.lcf = dict(k_schedule=None, n_start=5)
-    assert consistency_objective(fixed.config, lcm, "lcf").grid_points is None
+    assert fixed.grid_points is None and fixed.config.lcd.k_schedule is None  # today's step
+    assert family.curriculum(fixed.config, 1000) is None
     objective = consistency_objective(curriculum_config(), lcm, "lcf")
-    assert consistency_objective(curriculum_config(), lcm, "tcd").grid_points is None  # LCF's only
+    with pytest.raises(UserError, match="TCD's end time reads the fixed grid"):
+        consistency_objective(curriculum_config(), lcm, "tcd")
     rng = jax.random.PRNGKey(11)
+    lcd_draws = consistency_objective(curriculum_config(objective="lcd"), lcm, "lcd").draws
+    d = jax.jit(lambda step: lcd_draws(rng, 512, None, step))(jnp.int32(0))
+    np.testing.assert_array_equal(d["t"], sched.skip_grid(1000, 5).timesteps[d["n"]])
     draws = jax.jit(lambda step: objective.draws(rng, 512, None, step))
     for step, num in ((0, 5), (999, 5), (1000, 10), (1999, 10), (2000, 20), (2999, 20)):
         d = draws(jnp.int32(step))
@@ -213,7 +220,6 @@ def test_curriculum_draws_each_steps_grid_in_one_program(lcm):
     assert max_diff(last, today) == 0 and set(last) == set(today)
     with pytest.raises(ValueError, match="train step"):
         objective.draws(rng, 4)
-    assert lcf.curriculum(fixed.config, 1000) is None
 
 
 @pytest.mark.parametrize("target", ["ema", "online"])
@@ -239,22 +245,28 @@ def test_fused_lcf_step_with_curriculum_equals_unfused_math(lcm, target):
 
 
 def test_curriculum_config_problems():
-    from lcm_jax.objectives import lcf
+    from lcm_jax.objectives import consistency as family, lcf, tcd
 
     problems = lambda **kw: [p for p in lcf.config_problems(curriculum_config(**kw))
                              if "lcf.lcm_workdir" not in p]
     assert problems() == []
     [line] = problems(n_start=2)
-    assert "config.lcf.n_start=2 gives the grid sizes N = [2, 4, 8, 16, 20]" in line
+    assert "config.lcd.n_start=2 gives the grid sizes N = [2, 4, 8, 16, 20]" in line
     assert "[16] do not divide num_train_timesteps=1000" in line and "use one of [5, 10, 20]" in line
     [line] = problems(n_start=30)
     assert "must be an integer in [1, lcd.num_ddim_timesteps=20]" in line
     config = curriculum_config()
-    config.lcf.k_schedule = "linear"
-    assert any("config.lcf.k_schedule='linear' is not a known skip schedule" in p
+    config.lcd.k_schedule = "linear"
+    assert any("config.lcd.k_schedule='linear' is not a known skip schedule" in p
+               for p in lcf.config_problems(config))
+    assert any("TCD's end time reads the fixed grid" in p
+               for p in tcd.config_problems(curriculum_config(objective="tcd")))
+    config = curriculum_config()
+    config.lcf = dict(k_schedule="doubling")  # the field's old home
+    assert any("config.lcf.k_schedule moved to config.lcd.k_schedule" in p
                for p in lcf.config_problems(config))
     with pytest.raises(Exception, match="do not divide"):
-        lcf.curriculum(curriculum_config(n_start=2), 1000)
+        family.curriculum(curriculum_config(n_start=2), 1000)
 
 
 def test_trajectory_function_is_the_identity_at_its_own_time():

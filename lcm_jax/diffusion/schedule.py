@@ -143,13 +143,50 @@ def skip_pair(num_train_timesteps: int, num_points, n):
     """(t_{n+k}, t_n) at grid index n of the skip grid with N = `num_points` points, in jnp
     integer arithmetic: skip_grid's convention (k = T // N, t_{n+k} = k (n + 1) - 1, t_n =
     max(t_{n+k} - k, 0)) with N allowed to be traced, so that one compiled step can change its
-    grid with the train step (LCF's skip curriculum, objectives/lcf.py). For each N that divides
+    grid with the train step (the consistency family's skip curriculum, `skip_curriculum`). For each N that divides
     T it equals skip_grid(T, N)'s arrays at n; N must divide T, as there (checked where the
     values N takes are decided)."""
     n = jnp.asarray(n, jnp.int32)
     k = jnp.int32(num_train_timesteps) // jnp.asarray(num_points, jnp.int32)
     t = k * (n + 1) - 1
     return t, jnp.maximum(t - k, 0)
+
+
+SKIP_SCHEDULES = ("doubling", "constant")  # lcd.k_schedule (None: the fixed grid)
+
+
+def doubling_stages(n_start: int, n_final: int, total_steps: int) -> tuple[list[int], int]:
+    """(N of each stage, the stage length K' in train steps) of improved CT's (Song & Dhariwal
+    2023) doubling curriculum N(step) = min(n_start 2^floor(step / K'), n_final), K' = max(1,
+    floor(total_steps / (log2(floor(n_final / n_start)) + 1))). iCT counts the grid's N + 1
+    points, its t = 0 included: its N(k) - 1 is this N. T = 1000, 5 -> 50 over 6,000 steps: N =
+    5, 10, 20, 40, 50 (k = 200 ... 20), K' = 1388, the last stage shortened."""
+    if not 1 <= n_start <= n_final:
+        raise ValueError(f"n_start={n_start} must be in [1, n_final={n_final}].")
+    stage_steps = max(1, math.floor(total_steps / (math.log2(n_final // n_start) + 1)))
+    stages = [n_start]
+    while stages[-1] < n_final:
+        stages.append(min(2 * stages[-1], n_final))
+    return stages, stage_steps
+
+
+def skip_curriculum(kind: str, n_start: int, n_final: int, total_steps: int):
+    """step -> N(step), the skip grid's number of points (int32; `step` may be traced: one
+    compiled train step serves every N). 'doubling': `doubling_stages`, indexed by min(step //
+    K', last stage); 'constant': n_start throughout (a coarser grid than the sampler's n_final)."""
+    if kind == "constant":
+        return lambda step: jnp.full(jnp.shape(step), n_start, jnp.int32)
+    if kind != "doubling":
+        raise ValueError(f"Unknown skip schedule {kind!r}; use one of {SKIP_SCHEDULES}.")
+    stages, stage_steps = doubling_stages(n_start, n_final, total_steps)
+    table = jnp.asarray(stages, jnp.int32)
+    return lambda step: table[jnp.minimum(jnp.asarray(step, jnp.int32) // stage_steps,
+                                          len(stages) - 1)]
+
+
+def curriculum_grid_sizes(kind: str, n_start: int, n_final: int) -> list[int]:
+    """Every N a skip schedule takes (each must divide T)."""
+    return [n_start] if kind == "constant" else doubling_stages(n_start, n_final, 1)[0]
 
 
 def lcm_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000,

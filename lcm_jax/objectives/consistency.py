@@ -5,7 +5,7 @@ boundary function maps to. lcd.py, tcd.py and lcf.py each hold one strategy and 
 Per step, inside one XLA program (donated state, the shardings of parallel.py):
   1. latents z (VAE-encoded here, a posterior draw or the mean, or `batch["latents"]`) and the
      condition c; per example a grid index n on the skip grid (k = T / N; N fixed at
-     lcd.num_ddim_timesteps, or a traced function of the train step: `Strategy.curriculum`), a
+     lcd.num_ddim_timesteps, or a traced function of the train step: `lcd.k_schedule`), a
      guidance scale w ~ U[w_min, w_max] and noise; x_{t_{n+k}} = alpha_t z + sigma_t noise;
   2. x_hat at s = t_n by the strategy: the teacher's CFG-augmented solver step (LCD, TCD) or the
      forward process with the same noise (LCF);
@@ -59,17 +59,11 @@ class Strategy:
     end_time(key, n, grid) -> s_end, per example: the trajectory consistency function's end
         point; None: the consistency function, which maps to the data.
     teacher: whether the base is a teacher that can be sampled (the few-step baselines).
-    student_sampler: the few-step sampler its students are evaluated with.
-    curriculum(config, num_train_timesteps) -> (step -> N) or None: the number of skip-grid
-        points N as a jnp function of the train step (a traced int32, so ONE compiled step serves
-        every N; each value must divide T), the grid then k = T // N, t_{n+k} = k (n + 1) - 1
-        (`schedule.skip_pair`); None (or a None result): lcd.num_ddim_timesteps throughout, the
-        fixed grid. LCF's: `lcf.k_schedule`."""
+    student_sampler: the few-step sampler its students are evaluated with."""
     previous_point: Callable
     end_time: Callable | None = None
     teacher: bool = True
     student_sampler: str = "lcm"
-    curriculum: Callable | None = None
 
 
 def teacher_step(objective, frozen, draws, z, x_t, t, s, cond, uncond):
@@ -94,11 +88,10 @@ class ConsistencyObjective:
         self.schedule = base.schedule
         self.grid = sched.skip_grid(self.schedule.num_train_timesteps, lcd.num_ddim_timesteps)
         # step -> N (traced), or None: the fixed grid above on every step.
-        self.grid_points = strategy.curriculum and strategy.curriculum(
-            config, self.schedule.num_train_timesteps)
+        self.grid_points = curriculum(config, self.schedule.num_train_timesteps)
         if self.grid_points is not None and strategy.end_time is not None:
-            raise ValueError("A Strategy with both end_time and a curriculum: end_time reads the "
-                             "fixed grid (objective.grid); give it the step's grid first.")
+            raise UserError("config.lcd.k_schedule is set, but TCD's end time reads the fixed "
+                            "grid; set config.lcd.k_schedule=None.")
         self.lora = lcd.get("lora") or None
         self.target = lcd.get("target", "online" if self.lora else "ema")
         if self.target not in TARGETS:
@@ -332,8 +325,66 @@ def w_embedding_dim(config) -> int:
     return config.lcd.get("w_embedding_dim", 256)
 
 
+def curriculum(config, num_train_timesteps: int):
+    """The skip curriculum, `lcd.k_schedule`: step -> N, the number of skip-grid points as a jnp
+    function of the train step (a traced int32: ONE compiled step serves every N), the grid then
+    k = T // N, t_{n+k} = k (n + 1) - 1, t_n = max(t_{n+k} - k, 0) (`schedule.skip_pair`); per
+    example n ~ U{0..N-1} from the example's key as always. None (unset): lcd.num_ddim_timesteps
+    throughout, bit for bit the step without it.
+
+    Consistency training converges from LARGE skips to small: with few grid points the t = 0
+    boundary condition reaches high t in few hops, and the finer grid then removes the coarse
+    one's bias (Song et al. 2023 grow N from 2 to 150; iCT doubles it in stages). 'doubling' is
+    iCT's curriculum from N = `lcd.n_start` to lcd.num_ddim_timesteps over config.total_steps
+    (`schedule.doubling_stages`); 'constant' trains on N = n_start throughout. Sampling keeps
+    original_inference_steps = lcd.num_ddim_timesteps. Not for TCD (its end time reads the
+    fixed grid)."""
+    kind = rules.get(config, "lcd.k_schedule", None)
+    if kind is None:
+        return None
+    problems = list(curriculum_problems(config, num_train_timesteps))
+    if problems:
+        raise UserError("; ".join(problems))
+    return sched.skip_curriculum(kind, config.lcd.get("n_start", 5), config.lcd.num_ddim_timesteps,
+                                 config.total_steps)
+
+
+def curriculum_problems(config, num_train_timesteps):
+    """lcd.k_schedule a known schedule; lcd.n_start an int in [1, N]; each stage's N divides T."""
+    kind = rules.get(config, "lcd.k_schedule", None)
+    if kind is None:
+        return
+    if kind not in sched.SKIP_SCHEDULES:
+        yield rules.bad("lcd.k_schedule", kind, "is not a known skip schedule",
+                        f"use one of {sched.SKIP_SCHEDULES} or None (the fixed grid)")
+        return
+    if rules.get(config, "objective", None) == "tcd":
+        yield rules.bad("lcd.k_schedule", kind, "is set, but TCD's end time reads the fixed grid",
+                        "set config.lcd.k_schedule=None")
+        return
+    n_start, n_final = rules.get(config, "lcd.n_start", 5), rules.get(config, "lcd.num_ddim_timesteps")
+    total = rules.get(config, "total_steps", None)
+    if not (rules.is_int(n_final) and n_final >= 1 and rules.is_int(total)):
+        return  # the generic checks report these
+    if not rules.is_int(n_start) or not 1 <= n_start <= n_final:
+        yield rules.bad("lcd.n_start", n_start, f"must be an integer in [1, "
+                        f"lcd.num_ddim_timesteps={n_final}]", "e.g. 5 (skip k = T / 5 first)")
+        return
+    if not rules.is_int(num_train_timesteps):
+        return
+    sizes = sched.curriculum_grid_sizes(kind, n_start, n_final)
+    if any(num_train_timesteps % n for n in sizes):
+        fine = [s for s in range(1, n_final + 1) if not any(
+            num_train_timesteps % n for n in sched.curriculum_grid_sizes(kind, s, n_final))]
+        yield rules.bad("lcd.n_start", n_start, f"gives the grid sizes N = {sizes}, of which "
+                        f"{[n for n in sizes if num_train_timesteps % n]} do not divide "
+                        f"num_train_timesteps={num_train_timesteps} (the skip k = T / N must be "
+                        "an integer)", f"use one of {fine}")
+
+
 def config_problems(config):
-    """The `lcd` section: guidance range, skip-step grid, solver, loss, target, LoRA."""
+    """The `lcd` section: guidance range, skip-step grid and its curriculum, solver, loss,
+    target, LoRA."""
     yield from diffusion.config_problems(config)
     if not rules.get(config, "lcd", None):
         yield ("config.lcd is missing; consistency objectives need it (configs/digits_lcd.py "
@@ -353,6 +404,8 @@ def config_problems(config):
             sched.skip_grid(total, n)
         except ValueError as e:
             yield f"config.lcd.num_ddim_timesteps: {e}"
+    # T: the config's (the digits chain); an SD folder's scheduler has 1000 like its configs.
+    yield from curriculum_problems(config, total if rules.present(total) else 1000)
     yield from rules.choice(config, "lcd.solver", solvers.SOLVERS, "solver")
     yield from rules.choice(config, "lcd.loss", LOSSES, "loss")
     yield from rules.positive(config, "lcd.huber_c")
