@@ -33,7 +33,8 @@ def test_consistency_seed_summary_pools_seed_k_read_at_sampling_seed_k():
 
 
 @pytest.mark.parametrize("study,file", [(consistency_digits, "tcd_vs_lcm_3seeds.json"),
-                                        (lego_digits, "lego_seeds.json"), (smooth_digits, "smooth_3seeds.json")])
+                                        (lego_digits, "lego_seeds.json"), (smooth_digits, "smooth_3seeds.json"),
+                                        (consistency_digits, "lcd_curriculum_3seeds.json")])
 def test_the_published_summaries_are_their_runs_pooled(study, file):
     results = json.load(open(os.path.join(DOCS, file)))
     assert study.seed_summary(results) == results["seed_summary"]
