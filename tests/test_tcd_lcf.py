@@ -194,20 +194,21 @@ def lcm():
 def test_curriculum_draws_each_steps_grid_in_one_program(lcm):
     """One jitted draw, the step traced: n < N(step), (t, s) on N(step)'s skip grid, all of it
     visited, for LCF and LCD alike; in the last stage the draws are the fixed grid's bit for bit;
-    unset, no curriculum; TCD refuses it."""
-    from lcm_jax.errors import UserError
+    unset, no curriculum; TCD's end times follow the step's grid."""
     from lcm_jax.objectives import consistency as family
 
     fixed = consistency_objective(tiny_config(loss="huber", num_ddim_timesteps=20), lcm, "lcf")
     assert fixed.grid_points is None and fixed.config.lcd.k_schedule is None  # today's step
     assert family.curriculum(fixed.config, 1000) is None
     objective = consistency_objective(curriculum_config(), lcm, "lcf")
-    with pytest.raises(UserError, match="TCD's end time reads the fixed grid"):
-        consistency_objective(curriculum_config(), lcm, "tcd")
     rng = jax.random.PRNGKey(11)
-    lcd_draws = consistency_objective(curriculum_config(objective="lcd"), lcm, "lcd").draws
-    d = jax.jit(lambda step: lcd_draws(rng, 512, None, step))(jnp.int32(0))
-    np.testing.assert_array_equal(d["t"], sched.skip_grid(1000, 5).timesteps[d["n"]])
+    for name in ("lcd", "tcd"):  # the family's: TCD's end times on the step's grid too
+        member = consistency_objective(curriculum_config(objective=name), lcm, name).draws
+        d = jax.jit(lambda step: member(rng, 512, None, step))(jnp.int32(0))
+        np.testing.assert_array_equal(d["t"], sched.skip_grid(1000, 5).timesteps[d["n"]])
+    grid = sched.skip_grid(1000, 5)  # end = t_j, j <= n, every such j drawn
+    assert np.isin(d["end"], grid.prev_timesteps).all() and (d["end"] <= d["s"]).all()
+    assert set(np.asarray(d["end"]).tolist()) == set(grid.prev_timesteps.tolist())
     draws = jax.jit(lambda step: objective.draws(rng, 512, None, step))
     for step, num in ((0, 5), (999, 5), (1000, 10), (1999, 10), (2000, 20), (2999, 20)):
         d = draws(jnp.int32(step))
@@ -259,8 +260,7 @@ def test_curriculum_config_problems():
     config.lcd.k_schedule = "linear"
     assert any("config.lcd.k_schedule='linear' is not a known skip schedule" in p
                for p in lcf.config_problems(config))
-    assert any("TCD's end time reads the fixed grid" in p
-               for p in tcd.config_problems(curriculum_config(objective="tcd")))
+    assert [p for p in tcd.config_problems(curriculum_config(objective="tcd"))] == []
     config = curriculum_config()
     config.lcf = dict(k_schedule="doubling")  # the field's old home
     assert any("config.lcf.k_schedule moved to config.lcd.k_schedule" in p

@@ -56,8 +56,9 @@ class Strategy:
 
     previous_point(objective, frozen, draws, z, x_t, t, s, cond, uncond) -> x_hat_s: the
         target's input at s = t_n (under stop_gradient).
-    end_time(key, n, grid) -> s_end, per example: the trajectory consistency function's end
-        point; None: the consistency function, which maps to the data.
+    end_time(key, n, prev_timestep) -> s_end, per example: the trajectory consistency
+        function's end point, prev_timestep(j) giving t_j on the step's skip grid; None: the
+        consistency function, which maps to the data.
     teacher: whether the base is a teacher that can be sampled (the few-step baselines).
     student_sampler: the few-step sampler its students are evaluated with."""
     previous_point: Callable
@@ -89,9 +90,6 @@ class ConsistencyObjective:
         self.grid = sched.skip_grid(self.schedule.num_train_timesteps, lcd.num_ddim_timesteps)
         # step -> N (traced), or None: the fixed grid above on every step.
         self.grid_points = curriculum(config, self.schedule.num_train_timesteps)
-        if self.grid_points is not None and strategy.end_time is not None:
-            raise UserError("config.lcd.k_schedule is set, but TCD's end time reads the fixed "
-                            "grid; set config.lcd.k_schedule=None.")
         self.lora = lcd.get("lora") or None
         self.target = lcd.get("target", "online" if self.lora else "ema")
         if self.target not in TARGETS:
@@ -204,11 +202,13 @@ class ConsistencyObjective:
         shape, grid, end_time = self.latent.shape, self.grid, self.strategy.end_time
         if self.grid_points is None:
             num_points = len(grid.timesteps)
+            prev = lambda j: jnp.asarray(grid.prev_timesteps)[j]
         elif step is None:
             raise ValueError("This objective's skip grid follows a curriculum: pass draws the "
                              "train step (state.step).")
         else:
             num_points = self.grid_points(step)
+            prev = lambda j: sched.skip_pair(self.schedule.num_train_timesteps, num_points, j)[1]
 
         def one(k):
             n = jax.random.randint(jax.random.fold_in(k, 0), (), 0, num_points)
@@ -217,7 +217,7 @@ class ConsistencyObjective:
                      noise=jax.random.normal(jax.random.fold_in(k, 2), shape),
                      posterior_noise=jax.random.normal(jax.random.fold_in(k, 3), shape))
             if end_time is not None:
-                d["end"] = end_time(jax.random.fold_in(k, 4), n, grid)
+                d["end"] = end_time(jax.random.fold_in(k, 4), n, prev)
             return d
         d = jax.vmap(one)(keys)
         if self.grid_points is None:
@@ -337,8 +337,7 @@ def curriculum(config, num_train_timesteps: int):
     one's bias (Song et al. 2023 grow N from 2 to 150; iCT doubles it in stages). 'doubling' is
     iCT's curriculum from N = `lcd.n_start` to lcd.num_ddim_timesteps over config.total_steps
     (`schedule.doubling_stages`); 'constant' trains on N = n_start throughout. Sampling keeps
-    original_inference_steps = lcd.num_ddim_timesteps. Not for TCD (its end time reads the
-    fixed grid)."""
+    original_inference_steps = lcd.num_ddim_timesteps. TCD's end times follow the step's grid."""
     kind = rules.get(config, "lcd.k_schedule", None)
     if kind is None:
         return None
@@ -357,10 +356,6 @@ def curriculum_problems(config, num_train_timesteps):
     if kind not in sched.SKIP_SCHEDULES:
         yield rules.bad("lcd.k_schedule", kind, "is not a known skip schedule",
                         f"use one of {sched.SKIP_SCHEDULES} or None (the fixed grid)")
-        return
-    if rules.get(config, "objective", None) == "tcd":
-        yield rules.bad("lcd.k_schedule", kind, "is set, but TCD's end time reads the fixed grid",
-                        "set config.lcd.k_schedule=None")
         return
     n_start, n_final = rules.get(config, "lcd.n_start", 5), rules.get(config, "lcd.num_ddim_timesteps")
     total = rules.get(config, "total_steps", None)

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 from lcm_jax.objectives import Export, consistency
 
 
-def end_time(key, n, grid):
-    """s = t_j with j ~ U{0, ..., n}."""
+def end_time(key, n, prev_timestep):
+    """s = t_j with j ~ U{0, ..., n}; prev_timestep(j) = t_j on this step's skip grid."""
     j = jnp.minimum(jnp.floor(jax.random.uniform(key, ()) * (n + 1)).astype(jnp.int32), n)
-    return jnp.asarray(grid.prev_timesteps)[j]
+    return prev_timestep(j)
 
 
 STRATEGY = consistency.Strategy(previous_point=consistency.teacher_step, end_time=end_time,
