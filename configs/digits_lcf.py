@@ -15,8 +15,8 @@ FD-digits to the inverted test set 737 -> 145 at 4 steps, accuracy 14% -> 34% (R
 Consistency training's recipe, off by default (the fields below; --config.FIELD=VALUE turns them on):
   lcd.k_schedule='doubling'   the skip curriculum: LARGE skips first, N = lcd.n_start grid points
                               (k = 1000 / 5 = 200) doubling in stages to lcd.num_ddim_timesteps
-                              (k = 20) over total_steps, iCT's N(k) (objectives/consistency.py); None: k = 20
-                              from the first step (today's step, bit for bit)
+                              (k = 20) over total_steps, iCT's N(k) (objectives/consistency.py);
+                              None: k = 20 from the first step (today's step, bit for bit)
   lcd.target='online'         the target theta^- = stop_gradient(theta) (iCT) instead of the EMA
   optimizer.decay='constant'  a constant lr after the warmup instead of the cosine decay
 

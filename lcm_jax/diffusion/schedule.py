@@ -143,9 +143,9 @@ def skip_pair(num_train_timesteps: int, num_points, n):
     """(t_{n+k}, t_n) at grid index n of the skip grid with N = `num_points` points, in jnp
     integer arithmetic: skip_grid's convention (k = T // N, t_{n+k} = k (n + 1) - 1, t_n =
     max(t_{n+k} - k, 0)) with N allowed to be traced, so that one compiled step can change its
-    grid with the train step (the consistency family's skip curriculum, `skip_curriculum`). For each N that divides
-    T it equals skip_grid(T, N)'s arrays at n; N must divide T, as there (checked where the
-    values N takes are decided)."""
+    grid with the train step (the consistency family's skip curriculum, `skip_curriculum`). For
+    each N that divides T it equals skip_grid(T, N)'s arrays at n; N must divide T, as there
+    (checked where the values N takes are decided)."""
     n = jnp.asarray(n, jnp.int32)
     k = jnp.int32(num_train_timesteps) // jnp.asarray(num_points, jnp.int32)
     t = k * (n + 1) - 1

@@ -199,16 +199,16 @@ class ConsistencyObjective:
         index: the same draws on any device layout. `step` (the train step, traced): the grid's
         size N under a curriculum (n ~ U{0..N-1} on the step's grid); unused without one."""
         keys = common.example_keys(rng, batch_size, axis_name)
-        shape, grid, end_time = self.latent.shape, self.grid, self.strategy.end_time
+        shape, end_time = self.latent.shape, self.strategy.end_time
         if self.grid_points is None:
-            num_points = len(grid.timesteps)
-            prev = lambda j: jnp.asarray(grid.prev_timesteps)[j]
+            num_points = len(self.grid.timesteps)
         elif step is None:
             raise ValueError("This objective's skip grid follows a curriculum: pass draws the "
                              "train step (state.step).")
         else:
             num_points = self.grid_points(step)
-            prev = lambda j: sched.skip_pair(self.schedule.num_train_timesteps, num_points, j)[1]
+        # skip_grid's (t_{n+k}, t_n) at index n, for a static or a traced N alike.
+        pair = lambda n: sched.skip_pair(self.schedule.num_train_timesteps, num_points, n)
 
         def one(k):
             n = jax.random.randint(jax.random.fold_in(k, 0), (), 0, num_points)
@@ -217,13 +217,10 @@ class ConsistencyObjective:
                      noise=jax.random.normal(jax.random.fold_in(k, 2), shape),
                      posterior_noise=jax.random.normal(jax.random.fold_in(k, 3), shape))
             if end_time is not None:
-                d["end"] = end_time(jax.random.fold_in(k, 4), n, prev)
+                d["end"] = end_time(jax.random.fold_in(k, 4), n, lambda j: pair(j)[1])
             return d
         d = jax.vmap(one)(keys)
-        if self.grid_points is None:
-            d["t"], d["s"] = jnp.asarray(grid.timesteps)[d["n"]], jnp.asarray(grid.prev_timesteps)[d["n"]]
-        else:
-            d["t"], d["s"] = sched.skip_pair(self.schedule.num_train_timesteps, num_points, d["n"])
+        d["t"], d["s"] = pair(d["n"])
         return d
 
     def loss(self, params, state: TrainState, batch, frozen, rng, axis_name=None):
